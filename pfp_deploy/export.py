@@ -1,0 +1,276 @@
+"""Export a PyTorch model to ONNX and OpenVINO IR, and check the exported files against PyTorch.
+
+onnx, onnxruntime and openvino are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pfp_deploy.bench import Runner, flatten_outputs, make_runner
+from pfp_deploy.errors import ExportError, ShapeMismatchError, UsageError
+
+DYNAMO_MIN_OPSET = 18
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path, suffix: str) -> Iterator[Path]:
+    """Yield a temp path next to `path`; move it over `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int = 18,
+                dynamic_batch: bool = True, input_names: Sequence[str] = ("input",),
+                output_names: Sequence[str] = ("logits",)) -> Path:
+    """Export `model` to one self-contained ONNX file at `path` (written atomically) and return the path.
+
+    Uses the dynamo exporter (opset >= 18) and falls back to the TorchScript exporter with a warning."""
+    path = Path(path)
+    input_names, output_names = list(input_names), list(output_names)
+    example_input = example_input.detach()
+    dynamo_error = None
+    with _eval_mode(model), _atomic_path(path, ".onnx.tmp") as tmp:
+        if opset >= DYNAMO_MIN_OPSET:
+            try:
+                dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+                torch.onnx.export(model, (example_input,), str(tmp), dynamo=True, opset_version=opset,
+                                  external_data=False, verbose=False, input_names=input_names,
+                                  output_names=output_names, dynamic_shapes=dynamic_shapes)
+            except Exception as exc:  # the exporter raises many unrelated types; the fallback handles all
+                dynamo_error = exc
+                warnings.warn(f"dynamo ONNX exporter failed for {type(model).__name__} ({_first_line(exc)}); "
+                              "falling back to the TorchScript exporter (dynamo=False)", stacklevel=2)
+        else:
+            warnings.warn(f"opset {opset} < {DYNAMO_MIN_OPSET}: using the TorchScript exporter (dynamo=False)",
+                          stacklevel=2)
+        if opset < DYNAMO_MIN_OPSET or dynamo_error is not None:
+            _export_torchscript(model, example_input, tmp, opset, dynamic_batch, input_names, output_names,
+                                dynamo_error)
+        _validate_onnx(tmp, path)
+    return path
+
+
+def _export_torchscript(model, example_input, tmp, opset, dynamic_batch, input_names, output_names, dynamo_error):
+    axes = {name: {0: "batch"} for name in input_names + output_names} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter" notice: we chose it knowingly
+            torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=axes)
+    except Exception as exc:
+        before = f"dynamo exporter: {_first_line(dynamo_error)}; " if dynamo_error else ""
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX ({before}TorchScript exporter: "
+                          f"{_first_line(exc)})") from exc
+
+
+def _validate_onnx(tmp: Path, final: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(tmp))
+    except Exception as exc:
+        raise ExportError(f"exported ONNX for {final} fails onnx.checker: {_first_line(exc)}") from exc
+
+
+def export_openvino(onnx_path_or_model: str | os.PathLike | torch.nn.Module, example_input: torch.Tensor | None,
+                    out_dir: str | os.PathLike, *, fp16: bool = False) -> Path:
+    """Convert an ONNX file (or a model, exported to ONNX first) to OpenVINO IR in out_dir; return model.xml.
+
+    Weights are stored as FP32 unless fp16=True."""
+    import openvino as ov
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml_path = out_dir / "model.xml"
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ov.") as tmp:
+        source = onnx_path_or_model
+        if isinstance(source, torch.nn.Module):
+            # Going through ONNX keeps input/output names and the dynamic batch identical to the .onnx file.
+            if example_input is None:
+                raise UsageError("export_openvino needs example_input when given a torch model")
+            source = export_onnx(source, example_input, Path(tmp) / "model.onnx")
+        source = Path(source)
+        if not source.is_file():
+            raise ExportError(f"ONNX file {source} does not exist; export the model first")
+        try:
+            ov_model = ov.convert_model(str(source))
+            ov.save_model(ov_model, str(Path(tmp) / "model.xml"), compress_to_fp16=fp16)
+        except Exception as exc:
+            raise ExportError(f"OpenVINO cannot convert {source}: {_first_line(exc)}") from exc
+        # .bin first, then .xml: a reader that sees the new .xml also sees its weights.
+        os.replace(Path(tmp) / "model.bin", out_dir / "model.bin")
+        os.replace(Path(tmp) / "model.xml", xml_path)
+    return xml_path
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@dataclass
+class OutputParity:
+    """One output of one runtime compared with PyTorch."""
+
+    name: str
+    shape: list[int]
+    max_abs_diff: float
+    max_rel_diff: float
+    within_tolerance: bool
+
+
+@dataclass
+class RuntimeParity:
+    """One exported file run in one runtime, compared with PyTorch."""
+
+    runtime: str
+    file: str
+    outputs: list[OutputParity]
+    top1_agreement: float | None  # fraction of samples whose argmax equals PyTorch's (first output)
+    accuracy: float | None = None
+
+    @property
+    def within_tolerance(self) -> bool:
+        return all(o.within_tolerance for o in self.outputs)
+
+
+@dataclass
+class ParityReport:
+    """Result of check_parity; status is "pass" or "warn" (a "fail" raises instead)."""
+
+    status: str
+    atol: float
+    rtol: float
+    samples: int
+    torch_accuracy: float | None
+    runtimes: list[RuntimeParity] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for rt, d in zip(self.runtimes, out["runtimes"]):
+            d["within_tolerance"] = rt.within_tolerance
+        return out
+
+
+def _top1(logits: np.ndarray) -> np.ndarray | None:
+    return logits.reshape(logits.shape[0], -1).argmax(axis=1) if logits.ndim >= 2 else None
+
+
+def _run_in_batches(runner: Runner, samples: torch.Tensor) -> list[np.ndarray]:
+    """Run all samples; a file exported with a static batch is fed in chunks of that batch."""
+    batch = runner.fixed_batch or samples.shape[0]
+    if samples.shape[0] % batch:
+        raise ShapeMismatchError(f"{runner.source} has a static batch of {batch} but {samples.shape[0]} samples "
+                                 f"were given; pass a multiple of {batch} or export with dynamic_batch=True")
+    try:
+        chunks = [runner.outputs(samples[i:i + batch]) for i in range(0, samples.shape[0], batch)]
+    except Exception as exc:
+        raise ExportError(f"{runner.runtime} failed to run {runner.source} on input of shape "
+                          f"{list(samples.shape)}: {_first_line(exc)}") from exc
+    return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+def _compare(runner: Runner, reference: list[np.ndarray], samples: torch.Tensor, atol: float, rtol: float,
+             labels: np.ndarray | None, names: list[str]) -> RuntimeParity:
+    got = _run_in_batches(runner, samples)
+    if len(got) != len(reference):
+        raise ShapeMismatchError(
+            f"{runner.source} ({runner.runtime}) has {len(got)} outputs, PyTorch has {len(reference)}")
+    outputs = []
+    for i, (ref, out) in enumerate(zip(reference, got)):
+        name = names[i] if i < len(names) else f"output{i}"
+        if ref.shape != out.shape:
+            raise ShapeMismatchError(f"{runner.source} ({runner.runtime}) output {name} has shape {list(out.shape)}, "
+                                     f"PyTorch gives {list(ref.shape)}: the exported file does not match the model")
+        abs_diff = np.abs(out.astype(np.float64) - ref)
+        rel_diff = abs_diff / np.maximum(np.abs(ref), 1e-12)
+        outputs.append(OutputParity(
+            name=name, shape=list(out.shape), max_abs_diff=float(abs_diff.max(initial=0.0)),
+            max_rel_diff=float(rel_diff.max(initial=0.0)),
+            within_tolerance=bool(np.all(abs_diff <= atol + rtol * np.abs(ref)))))
+    ref_top1, top1 = _top1(reference[0]), _top1(got[0])
+    agreement = float(np.mean(ref_top1 == top1)) if top1 is not None else None
+    accuracy = float(np.mean(top1 == labels)) if labels is not None and top1 is not None else None
+    return RuntimeParity(runtime=runner.runtime, file=str(runner.source), outputs=outputs,
+                         top1_agreement=agreement, accuracy=accuracy)
+
+
+def check_parity(model: torch.nn.Module, samples: torch.Tensor, onnx_path: str | os.PathLike | None = None,
+                 openvino_xml: str | os.PathLike | None = None, *, atol: float = 1e-4, rtol: float = 1e-3,
+                 on_breach: str = "warn", labels: torch.Tensor | None = None) -> ParityReport:
+    """Compare ONNX Runtime (CPU) and OpenVINO (CPU) outputs with PyTorch on `samples`.
+
+    Shape mismatch raises ShapeMismatchError; a tolerance breach warns or, with on_breach="fail", raises ExportError."""
+    if on_breach not in ("warn", "fail"):
+        raise UsageError(f'on_breach must be "warn" or "fail" (got "{on_breach}")')
+    if onnx_path is None and openvino_xml is None:
+        raise UsageError("check_parity needs onnx_path and/or openvino_xml")
+    samples = samples.detach().float().cpu()
+    device = next(model.parameters(), torch.empty(0)).device
+    with _eval_mode(model), torch.inference_mode():
+        reference = [t.double().cpu().numpy() for t in flatten_outputs(model(samples.to(device)))]
+    labels_np = labels.cpu().numpy() if labels is not None else None
+    ref_top1 = _top1(reference[0])
+    torch_accuracy = float(np.mean(ref_top1 == labels_np)) if labels_np is not None and ref_top1 is not None else None
+
+    runners = []
+    if onnx_path is not None:
+        runners.append(make_runner("onnxruntime", onnx_path=onnx_path, device="CPU"))
+    if openvino_xml is not None:
+        runners.append(make_runner("openvino", openvino_xml=openvino_xml, device="CPU"))
+    names = _output_names(runners[0])
+    results = [_compare(r, reference, samples, atol, rtol, labels_np, names) for r in runners]
+
+    report = ParityReport(status="pass", atol=atol, rtol=rtol, samples=int(samples.shape[0]),
+                          torch_accuracy=torch_accuracy, runtimes=results)
+    breaches = [f"{r.runtime} {o.name}: max abs diff {o.max_abs_diff:.3g}, max rel diff {o.max_rel_diff:.3g}"
+                for r in results for o in r.outputs if not o.within_tolerance]
+    if breaches:
+        message = f"exported model differs from PyTorch beyond atol={atol}, rtol={rtol}: " + "; ".join(breaches)
+        if on_breach == "fail":
+            raise ExportError(message)
+        warnings.warn(message, stacklevel=2)
+        report.status = "warn"
+    return report
+
+
+def _output_names(runner: Runner) -> list[str]:
+    if runner.runtime == "onnxruntime":
+        return [o.name for o in runner.session.get_outputs()]
+    return [next(iter(o.get_names()), f"output{i}") for i, o in enumerate(runner.request.model_outputs)]
