@@ -1,0 +1,368 @@
+"""Model sources: torchvision architectures (+ weights tag or file), checkpoints, factories, builtins.
+
+Nothing is ever downloaded: a torchvision weights tag must already be in the torch hub cache.
+Checkpoints are plain state_dicts read with weights_only=True; input files are only read.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from pfp_deploy.errors import ModelLoadError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------- builtin models
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet block: two 3x3 conv-BN, plus a 1x1 conv-BN shortcut when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:  # option B: projection shortcut
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images (He et al. 2016, sec. 4.2): 3 stages of BasicBlocks, widths 16/32/64."""
+
+    def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10, in_channels: int = 3,
+                 widths: tuple[int, int, int] = (16, 32, 64)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        stages, in_planes = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks = []
+            for j in range(blocks_per_stage):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(BasicBlock(in_planes, width, stride))
+                in_planes = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class VGGSmall(nn.Module):
+    """VGG-style conv-BN-ReLU stack ending in flatten -> Linear -> ReLU -> Linear.
+
+    Flatten (not global pooling) on purpose: pruning must map conv channels to Linear features.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32),
+                 config: tuple = (32, 32, "M", 64, 64, "M", 128, 128, "M"), hidden: int = 256):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, (height, width) = in_channels, image_size
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+            else:
+                layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
+                channels = item
+        if height < 1 or width < 1:
+            raise ModelLoadError(f"vgg_small: input {image_size} is too small for {config.count('M')} "
+                                 "max-pools; use images of at least 8x8")
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, hidden),
+                                        nn.ReLU(), nn.Linear(hidden, num_classes))
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _kaiming_init(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> CifarResNet:
+    """CIFAR-style ResNet-20 (0.27M parameters at 10 classes)."""
+    return CifarResNet(3, num_classes, in_channels, **kwargs)
+
+
+def vgg_small(num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32),
+              **kwargs: Any) -> VGGSmall:
+    """Small VGG for 28x28 / 32x32 inputs; image_size sets the flatten -> Linear width."""
+    return VGGSmall(num_classes, in_channels, tuple(image_size), **kwargs)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20, "vgg_small": vgg_small}
+
+
+def known_model_names(kind: str = "any") -> list[str]:
+    """Model names for `builtin`, `torchvision` (classification models) or `any` (both)."""
+    names = list(BUILTIN_MODELS) if kind in ("builtin", "any") else []
+    if kind in ("torchvision", "any"):
+        import torchvision
+
+        names += torchvision.models.list_models(module=torchvision.models)
+    return names
+
+
+# ---------------------------------------------------------------------------------- build_model
+
+def build_model(model_cfg: Any, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
+    """Build the dense model a recipe's `model` section describes (weights loaded, train mode).
+
+    num_classes / in_channels default to the section's values; pass the data's when they differ.
+    """
+    num_classes = num_classes or model_cfg.num_classes
+    in_channels = in_channels or model_cfg.in_channels or 3
+    source, name, weights = model_cfg.source, model_cfg.name, model_cfg.weights
+    kwargs = dict(getattr(model_cfg, "kwargs", None) or {})
+
+    if source == "pruned":
+        try:
+            from pfp_deploy.pruning import load_pruned  # another stage owns the pruned format
+        except ImportError as exc:
+            raise ModelLoadError(f"model.source pruned needs pfp_deploy.pruning.load_pruned ({exc})") from None
+        return load_pruned(model_cfg.path)
+    if source == "factory":
+        model = _from_factory(model_cfg.factory, kwargs, num_classes, in_channels)
+        arch = model_cfg.factory
+    elif name in BUILTIN_MODELS:
+        if name == "vgg_small" and model_cfg.input_shape:
+            kwargs.setdefault("image_size", tuple(model_cfg.input_shape[2:]))
+        model = BUILTIN_MODELS[name](num_classes=num_classes or 10, in_channels=in_channels, **kwargs)
+        arch = name
+    elif source == "builtin":
+        raise ModelLoadError(f"Unknown builtin model {name!r}.{did_you_mean(name, BUILTIN_MODELS)} "
+                             f"Builtins: {', '.join(BUILTIN_MODELS)}")
+    else:
+        if weights and not _looks_like_path(weights) and source == "torchvision":
+            return _torchvision_pretrained(name, weights, num_classes, in_channels, kwargs)
+        model = _torchvision_model(name, num_classes or 1000, kwargs)
+        if in_channels != 3:
+            _replace_first_conv(model, in_channels, pretrained=False)
+        arch = f"torchvision {name}"
+
+    checkpoint = model_cfg.path if source == "checkpoint" else weights
+    if checkpoint:
+        if not _looks_like_path(checkpoint):
+            raise ModelLoadError(f"model.weights {checkpoint!r} is a torchvision weights tag, which only "
+                                 f"works with source torchvision; use a local state_dict path for {source}")
+        load_state_into(model, load_checkpoint_state(checkpoint), arch=f"{arch} (num_classes="
+                        f"{num_classes}, in_channels={in_channels})", path=checkpoint)
+    return model
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or "/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".ckpt") \
+        or Path(weights).exists()
+
+
+def _torchvision_model(name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise ModelLoadError(f"Unknown torchvision model {name!r}.{did_you_mean(name, names)} "
+                             f"See torchvision.models.list_models(); builtins: {', '.join(BUILTIN_MODELS)}")
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"torchvision {name}(num_classes={num_classes}, **{kwargs}) failed: {exc}") from None
+
+
+def torchvision_weights_file(name: str, tag: str) -> tuple[Any, Path]:
+    """(weights enum, the path torch hub caches that file at) for a torchvision weights tag."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise ModelLoadError(f"torchvision model {name!r} has no pretrained weights; set model.weights "
+                             "to a local state_dict file or null") from None
+    short = tag.split(".")[-1]  # accept "ResNet50_Weights.IMAGENET1K_V2"
+    valid = [w.name for w in enum] + ["DEFAULT"]
+    if short not in valid:
+        raise ModelLoadError(f"Unknown weights tag {tag!r} for {name}.{did_you_mean(short, valid)} "
+                             f"Valid tags: {', '.join(valid)}; or give a local file path")
+    weights = enum[short] if short != "DEFAULT" else enum.DEFAULT
+    filename = os.path.basename(urlparse(weights.url).path)
+    return weights, Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _torchvision_pretrained(name: str, tag: str, num_classes: int | None, in_channels: int,
+                            kwargs: dict) -> nn.Module:
+    import torchvision
+
+    weights, cached = torchvision_weights_file(name, tag)
+    if not cached.is_file():
+        raise ModelLoadError(
+            f"Weights {name} {weights.name} are not on this machine and pfp-deploy never downloads. "
+            f"Copy the file from {weights.url} to {cached}, or set model.weights to a local state_dict "
+            "path (e.g. weights: /path/to/file.pth).")
+    # The file is cached, so torchvision loads it without network access (and applies its own key fixes).
+    model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    classes = len(weights.meta.get("categories") or []) or None
+    if num_classes and classes and num_classes != classes:
+        _replace_classifier(model, num_classes)
+        log.warning("%s: the pretrained %d-class head was replaced by a new %d-class head; it needs "
+                    "training before accuracy means anything", name, classes, num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels, pretrained=True)
+    return model
+
+
+def _replace_classifier(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear for a fresh one with num_classes outputs."""
+    last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not last:
+        raise ModelLoadError("cannot change num_classes: the model has no Linear classifier")
+    parent_name, _, attr = last[-1].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> None:
+    """Adapt the first 3-channel conv to in_channels (grayscale: sum of the RGB kernels)."""
+    for name, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
+            break
+    else:
+        raise ModelLoadError(f"cannot set in_channels={in_channels}: no 3-channel input conv found")
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    if pretrained and in_channels == 1:
+        with torch.no_grad():
+            new.weight.copy_(conv.weight.sum(1, keepdim=True))
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+    elif pretrained:
+        log.warning("first conv re-initialised for %d input channels; its pretrained weights are lost",
+                    in_channels)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+
+
+def _from_factory(spec: str, kwargs: dict, num_classes: int | None, in_channels: int) -> nn.Module:
+    """Call 'package.module:callable' (or 'file.py:callable') with num_classes/in_channels if accepted."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise ModelLoadError(f"model.factory {spec!r}: file {file} does not exist")
+            module_spec = importlib.util.spec_from_file_location(file.stem, file)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ModelLoadError:
+        raise
+    except ImportError as exc:
+        raise ModelLoadError(f"model.factory {spec!r}: cannot import {module_name!r} ({exc}). Install it, "
+                             "or run from the directory that contains it (it must be on sys.path).") from None
+    except Exception as exc:
+        raise ModelLoadError(f"model.factory {spec!r}: importing {module_name!r} failed: "
+                             f"{type(exc).__name__}: {exc}") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            public = [n for n in dir(module) if not n.startswith("_")]
+            raise ModelLoadError(f"model.factory {spec!r}: {module_name} has no attribute {attr!r}."
+                                 f"{did_you_mean(attr, public)}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ModelLoadError(f"model.factory {spec!r}: {attr} is a {type(factory).__name__}, not a callable")
+    try:
+        params = inspect.signature(factory).parameters
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, accepts_any = {}, False
+    args = dict(kwargs)
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value is not None and key not in args and (key in params or accepts_any):
+            args[key] = value
+    try:
+        model = factory(**args)
+    except Exception as exc:
+        raise ModelLoadError(f"model.factory {spec!r} raised {type(exc).__name__}: {exc} "
+                             f"(called with {args})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model.factory {spec!r} returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict (weights_only=True), unwrapping {"state_dict": ...}/{"model": ...} and DDP 'module.'."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"Checkpoint {path} does not exist. Check model.path / model.weights.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled modules, corrupt or non-torch files
+        raise ModelLoadError(
+            f"Cannot read checkpoint {path} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}). "
+            "pfp-deploy loads weights only (no pickled code): save it with "
+            "torch.save(model.state_dict(), path).") from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"Checkpoint {path} does not hold a state_dict (name -> tensor); save it with "
+                             "torch.save(model.state_dict(), path)")
+    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Any = "checkpoint") -> None:
+    """load_state_dict(strict) with a readable ModelLoadError listing the first mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"Checkpoint {path} does not fit {arch}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                lines.append(f"  {len(items)} {title}: {', '.join(items[:5])}{more}")
+        lines.append("Set model.name / num_classes / in_channels to the architecture the checkpoint was saved from.")
+        raise ModelLoadError("\n".join(lines))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,820 @@
+"""The recipe: a pydantic schema (typos fail at parse time), YAML loading and `--set` overrides.
+
+Defaults live here once, in the Field descriptions. `load_recipe` is the only way in; every user
+mistake becomes one RecipeError listing all problems, each with its dotted key path.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+import types
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pfp_deploy.errors import RecipeError
+
+DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+
+# Per data format: (input channels, image size, number of classes or None when read from disk).
+FORMAT_DEFAULTS = {"fashion_mnist": (1, 28, 10), "imagefolder": (3, 224, None), "synthetic": (3, 32, None)}
+
+Ratio = Annotated[float, Field(gt=0, le=1)]
+
+
+class _Strict(BaseModel):
+    """Base of every section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Problems(ValueError):
+    """Cross-field problems as (key path relative to the validated section, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+
+
+def _raise_problems(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise _Problems(problems)
+
+
+def _fill(section: BaseModel, field: str, value: Any) -> None:
+    """Store a derived value without marking it as user-set (so exclude_unset dumps stay the input)."""
+    was_set = field in section.model_fields_set
+    setattr(section, field, value)
+    if not was_set:
+        section.model_fields_set.discard(field)
+
+
+# ----------------------------------------------------------------------------------------- model
+
+class ModelConfig(_Strict):
+    source: Literal["torchvision", "checkpoint", "factory", "pruned", "builtin"] = Field(
+        "torchvision",
+        description="Where the dense model comes from: a torchvision architecture, a state_dict "
+        "checkpoint for a named architecture, a 'package.module:callable' factory, a pruned model "
+        "from an earlier run, or a builtin small model (resnet20, vgg_small).")
+    name: str | None = Field(
+        None, description="Architecture: a torchvision classification model (e.g. resnet50) or a "
+        "builtin (resnet20, vgg_small). Required for torchvision, builtin and checkpoint sources.")
+    weights: str | None = Field(
+        None, description="None (random init), a torchvision weights tag (e.g. IMAGENET1K_V2, "
+        "DEFAULT; must already be in the torch hub cache: nothing is downloaded) or a local "
+        "state_dict file.")
+    path: str | None = Field(
+        None, description="checkpoint: the state_dict file; pruned: the run directory or model file "
+        "of an earlier pfp-deploy run. Never modified.")
+    factory: str | None = Field(
+        None, description="'package.module:callable' (or 'path/to/file.py:callable') returning an "
+        "nn.Module; num_classes / in_channels are passed when the callable accepts them.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the model constructor.")
+    num_classes: int | None = Field(
+        None, ge=1, description="Classifier outputs. None: taken from the data (10 for "
+        "fashion_mnist, the class folders for imagefolder, data.synthetic.num_classes).")
+    in_channels: int | None = Field(
+        None, ge=1, description="Input channels. None: from model.input_shape or the data format "
+        "(1 for fashion_mnist, 3 otherwise).")
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="Example input [N, C, H, W] for tracing, "
+        "export and latency. None: [1, in_channels, data.image_size, data.image_size].")
+    pretrain: TrainConfig | None = Field(
+        None, description="Train the dense model before pruning (for builtin or untrained models). "
+        "None: use the model as loaded.")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _four_dims(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(value) != 4:
+            raise ValueError(f"must be [N, C, H, W] (4 integers), got {value}")
+        return value
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^:\s]+:[A-Za-z_][\w.]*", value):
+            raise ValueError(f"must look like 'package.module:callable', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> ModelConfig:
+        needs = {"torchvision": ["name"], "builtin": ["name"], "checkpoint": ["name", "path"],
+                 "factory": ["factory"], "pruned": ["path"]}[self.source]
+        problems = [(key, f"required when model.source is {self.source}") for key in needs
+                    if getattr(self, key) is None]
+        if self.source == "checkpoint" and self.weights is not None:
+            problems.append(("weights", "not used with source checkpoint (the weights are model.path);"
+                             " remove it"))
+        if self.source in ("torchvision", "builtin", "checkpoint") and self.name is not None:
+            from pfp_deploy.models import known_model_names  # lazy: imports torchvision
+
+            kind = "builtin" if self.source == "builtin" else "any"
+            known = known_model_names(kind)
+            if self.name not in known:
+                hint = _nearest(self.name, known)
+                hint = f' Did you mean "{hint}"?' if hint else ""
+                what = "builtin model" if kind == "builtin" else "torchvision or builtin model"
+                problems.append(("name", f"unknown {what} {self.name!r}.{hint} "
+                                 f"Builtins: {', '.join(known_model_names('builtin'))}"))
+        _raise_problems(problems)
+        return self
+
+
+# ------------------------------------------------------------------------------------------ data
+
+class SyntheticConfig(_Strict):
+    num_classes: int = Field(10, ge=2, description="Classes of the random labels.")
+    num_samples: int = Field(512, ge=1, description="Training samples (validation gets a quarter).")
+
+
+class DataConfig(_Strict):
+    format: Literal["imagefolder", "fashion_mnist", "synthetic"] = Field(
+        ..., description="imagefolder: <root>/train and <root>/val with one folder per class; "
+        "fashion_mnist: the gzipped IDX files; synthetic: random tensors (accuracy is meaningless).")
+    root: str | None = Field(
+        None, description=f"Dataset directory. Default for fashion_mnist: {DEFAULT_FASHION_MNIST_ROOT};"
+        " required for imagefolder.")
+    batch_size: int = Field(64, ge=1, description="Batch size for training and evaluation.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in-process).")
+    image_size: int | None = Field(
+        None, ge=8, description="Square input size. None: from model.input_shape, else 28 for "
+        "fashion_mnist, 224 for imagefolder, 32 for synthetic.")
+    augment: bool = Field(True, description="Training augmentation: random-resized-crop + flip "
+                          "(imagefolder), random crop with 2-pixel padding + flip (fashion_mnist).")
+    mean: list[float] | None = Field(
+        None, description="Per-channel normalisation mean. None: Fashion-MNIST's (0.2860) or "
+        "ImageNet's.")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Per-channel normalisation std. None: Fashion-MNIST's (0.3530) or "
+        "ImageNet's.")
+    calibration_samples: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="PFP calibration images, drawn from the training set with evaluation "
+        "transforms. auto: the paper's ceil(3 ln(8 eta_max eta / delta)), about 180-210.")
+    train_subset: int | None = Field(None, ge=1, description="Use a seeded random subset of this "
+                                     "many training images (quick runs). None: all.")
+    val_subset: int | None = Field(None, ge=1, description="Same for the validation set.")
+    seed: int = Field(0, description="Seed for subsets, calibration draws and shuffling.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig,
+                                       description="Only for format synthetic.")
+
+    @model_validator(mode="after")
+    def _format_needs(self) -> DataConfig:
+        problems = []
+        if self.format == "imagefolder" and not self.root:
+            problems.append(("root", "required for format imagefolder: a directory holding train/ "
+                             "and val/ class folders, e.g. root: /data/imagenet"))
+        if self.format == "fashion_mnist" and self.root is None:
+            _fill(self, "root", DEFAULT_FASHION_MNIST_ROOT)
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            problems.append(("std", f"has {len(self.std)} entries but data.mean has {len(self.mean)}"))
+        _raise_problems(problems)
+        return self
+
+
+# ----------------------------------------------------------------------------------------- prune
+
+class LayerOverride(_Strict):
+    min_channels: int | None = Field(None, ge=1, description="Overrides prune.min_channels.")
+    max_prune_ratio: float | None = Field(None, ge=0, le=1, description="Overrides prune.max_prune_ratio.")
+    round_to: int | None = Field(None, ge=1, description="Overrides prune.round_to.")
+    skip: bool = Field(False, description="Do not prune this layer's output channels.")
+
+
+class PruneConfig(_Strict):
+    method: Literal["pfp"] = Field("pfp", description="Provable Filter Pruning (Liebenwein et al. 2020).")
+    variant: Literal["deterministic", "randomized", "hybrid"] = Field(
+        "deterministic", description="deterministic: keep the top channels by sensitivity (the "
+        "paper's experiments); randomized: importance sampling with reweighting (the provable one); "
+        "hybrid: keep the certain ones, sample the rest.")
+    metric: Literal["macs", "params"] = Field("macs", description="Cost the keep ratio refers to.")
+    keep: float = Field(0.5, gt=0, le=1, description="Fraction of the dense network's cost (MACs "
+                        "or params) to keep. With a schedule, its last entry.")
+    schedule: list[Ratio] | None = Field(
+        None, description="Cascade: decreasing keep ratios relative to the dense network, each "
+        "followed by fine-tuning and fresh sensitivities, e.g. [0.8, 0.65, 0.5]. None: one step.")
+    tolerance: float = Field(0.01, gt=0, lt=1, description="Accepted relative error between "
+                             "achieved and requested cost.")
+    round_to: int = Field(1, ge=1, description="Kept channels per group are rounded up to a "
+                          "multiple of this (8 suits most CPU/GPU kernels).")
+    min_channels: int = Field(1, ge=1, description="No group keeps fewer channels than this.")
+    max_prune_ratio: float = Field(1.0, ge=0, le=1, description="Largest fraction of one group's "
+                                   "channels that may be removed (1.0: no cap beyond min_channels).")
+    ignored_layers: list[str] = Field(
+        default_factory=list, description="Module names (or 're:<regex>') whose output channels "
+        "are never pruned. The classifier's outputs are never pruned anyway.")
+    overrides: dict[str, LayerOverride] = Field(
+        default_factory=dict, description="Per-layer settings keyed by module name or "
+        "'re:<regex>' (full match), e.g. {'re:layer4\\\\..*': {max_prune_ratio: 0.5}}.")
+    delta: float = Field(1e-16, gt=0, lt=1, description="Failure probability delta of the PFP bounds.")
+    c: float = Field(3.0, gt=0, description="Constant c in alpha_l = 2 c ln(8 (P_l+1) k_l / delta).")
+    K: float = Field(3.0, gt=0, description="Constant K in m_l = K (6 + 2 eps) alpha_l S_l / eps^2.")
+    bn_recalibration_samples: int = Field(
+        2048, ge=0, description="Training images used to re-estimate BatchNorm statistics after "
+        "pruning (0 disables).")
+    seed: int = Field(0, description="Seed for the randomized and hybrid variants.")
+
+    @field_validator("ignored_layers")
+    @classmethod
+    def _regexes_compile(cls, names: list[str]) -> list[str]:
+        for name in names:
+            _check_regex(name)
+        return names
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_regexes_compile(cls, overrides: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
+        for name in overrides:
+            _check_regex(name)
+        return overrides
+
+    @model_validator(mode="after")
+    def _schedule_ends_at_keep(self) -> PruneConfig:
+        if not self.schedule:
+            return self
+        steps = self.schedule
+        bad = [i for i in range(1, len(steps)) if steps[i] >= steps[i - 1]]
+        if bad:
+            raise _Problems([("schedule", f"must be strictly decreasing, got {steps} "
+                              f"(entry {bad[0]} is {steps[bad[0]]} after {steps[bad[0] - 1]})")])
+        if "keep" not in self.model_fields_set:
+            _fill(self, "keep", steps[-1])
+        elif not math.isclose(self.keep, steps[-1]):
+            raise _Problems([("schedule", f"ends at {steps[-1]} but prune.keep is {self.keep}; make "
+                              "the last entry equal keep, or drop keep (it defaults to the last entry)")])
+        return self
+
+
+def _check_regex(name: str) -> None:
+    if name.startswith("re:"):
+        try:
+            re.compile(name[3:])
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {name[3:]!r}: {exc}") from None
+
+
+# -------------------------------------------------------------------------------------- finetune
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.01, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adamw).")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    nesterov: bool = Field(False, description="Nesterov momentum for SGD.")
+
+
+class DistillConfig(_Strict):
+    enabled: bool = Field(False, description="Distil from the teacher during fine-tuning.")
+    teacher: Literal["dense"] = Field("dense", description="dense: the unpruned input model.")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KD loss.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD loss (1 - alpha: labels).")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=0, description="Training epochs (0: skip).")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer settings.")
+    scheduler: Literal["cosine", "none"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warm-up epochs, may be fractional (at most epochs).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this (None: no clipping).")
+    amp: Literal["auto"] | bool = Field("auto", description="Mixed precision: auto = on for CUDA, off on CPU.")
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement (None: never).")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap batches per epoch (smoke runs).")
+    eval_every: int = Field(1, ge=1, description="Evaluate on the validation set every N epochs.")
+    seed: int = Field(0, description="Seed for shuffling and augmentation during training.")
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict (optimizer.lr -> lr, optimizer.name -> optimizer, distill -> distill_*)
+        for the training loop's own config (pfp_deploy.finetune.FinetuneConfig.from_dict)."""
+        flat = self.model_dump(exclude={"optimizer", "distill", "eval_every"})
+        flat.update(self.optimizer.model_dump(exclude={"name"}), optimizer=self.optimizer.name)
+        return flat
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_epochs > self.epochs:
+            raise _Problems([("warmup_epochs", f"is {self.warmup_epochs:g} but epochs is only "
+                              f"{self.epochs}; lower warmup_epochs or raise epochs")])
+        return self
+
+
+class FinetuneConfig(TrainConfig):
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Knowledge distillation.")
+
+    def flat(self) -> dict[str, Any]:
+        flat = super().flat()
+        flat["distill_temperature"] = self.distill.temperature
+        flat["distill_alpha"] = self.distill.alpha if self.distill.enabled else 0.0  # 0 disables it
+        return flat
+
+
+ModelConfig.model_rebuild()
+
+
+# ---------------------------------------------------------------------------------------- export
+
+class OnnxConfig(_Strict):
+    opset: int = Field(18, ge=18, description="ONNX opset (the torch.export-based exporter needs >= 18).")
+    dynamic_batch: bool = Field(True, description="Export the batch dimension as dynamic.")
+
+
+class OpenVINOConfig(_Strict):
+    fp16: bool = Field(False, description="Compress weights to FP16 in the IR.")
+
+
+class ParityConfig(_Strict):
+    samples: int = Field(8, ge=1, description="Validation inputs compared between PyTorch and each export.")
+    atol: float = Field(1e-4, ge=0, description="Absolute tolerance on outputs.")
+    rtol: float = Field(1e-3, ge=0, description="Relative tolerance on outputs.")
+    on_breach: Literal["warn", "fail"] = Field(
+        "warn", description="Outside tolerance: warn, or fail the export stage. A shape mismatch always fails.")
+
+
+class ExportConfig(_Strict):
+    formats: list[Literal["onnx", "openvino"]] = Field(
+        default_factory=lambda: ["onnx"], description="Exports to write ([] disables export).")
+    onnx: OnnxConfig = Field(default_factory=OnnxConfig, description="ONNX settings.")
+    openvino: OpenVINOConfig = Field(default_factory=OpenVINOConfig, description="OpenVINO IR settings.")
+    parity: ParityConfig = Field(default_factory=ParityConfig, description="Numeric check of each export.")
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+class AccuracyCheck(_Strict):
+    metric: Literal["top1", "top5"] = Field("top1", description="Accuracy metric.")
+    max_drop: float | None = Field(
+        1.0, ge=0, description="Largest allowed drop in percentage points vs the dense model (None: no check).")
+
+
+# Common providers, for suggestions; any name ending in ExecutionProvider is accepted.
+ONNX_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                  "OpenVINOExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider",
+                  "ROCMExecutionProvider")
+
+
+class TargetConfig(_Strict):
+    name: str = Field(..., min_length=1, description="Row name in the report (unique).")
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(..., description="Inference runtime.")
+    device: str | None = Field(
+        None, description="torch: cpu, cuda, cuda:N (default cpu); openvino: CPU, GPU, NPU, AUTO "
+        "(default CPU). Not used by onnxruntime (use provider).")
+    provider: str | None = Field(
+        None, description="onnxruntime execution provider (default CPUExecutionProvider).")
+    batch: int = Field(1, ge=1, description="Batch size of the latency measurement.")
+    threads: int | None = Field(None, ge=1, description="Intra-op threads (None: runtime default).")
+    p50_ms: float | None = Field(None, gt=0, description="Fail when median latency exceeds this.")
+    p90_ms: float | None = Field(None, gt=0, description="Fail when 90th-percentile latency exceeds this.")
+    p99_ms: float | None = Field(None, gt=0, description="Fail when 99th-percentile latency exceeds this.")
+    min_speedup: float | None = Field(
+        None, gt=0, description="Fail when dense/pruned median latency on this target is below this.")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, description="Fail when this runtime's accuracy is more than this many points "
+        "below the dense PyTorch model.")
+    on_unavailable: Literal["skip", "fail"] = Field(
+        "fail", description="When the runtime or device is missing on this host: skip the row or fail.")
+
+    @model_validator(mode="after")
+    def _device_fits_runtime(self) -> TargetConfig:
+        problems = []
+        if self.runtime == "onnxruntime":
+            if self.device is not None:
+                problems.append(("device", "not used by onnxruntime; set provider instead, e.g. "
+                                 "provider: CUDAExecutionProvider"))
+            provider = self.provider or "CPUExecutionProvider"
+            if not provider.endswith("ExecutionProvider"):
+                hint = _nearest(provider, ONNX_PROVIDERS)
+                problems.append(("provider", f"unknown onnxruntime provider {provider!r}."
+                                 + (f' Did you mean "{hint}"?' if hint else "")
+                                 + f" Known: {', '.join(ONNX_PROVIDERS)}"))
+            _fill(self, "provider", provider)
+        else:
+            if self.provider is not None:
+                problems.append(("provider", f"only used by onnxruntime; for {self.runtime} set device"))
+            if self.runtime == "torch":
+                device = (self.device or "cpu").lower()
+                if not re.fullmatch(r"cpu|mps|(cuda|xpu)(:\d+)?", device):
+                    problems.append(("device", f"torch device must be cpu, cuda or cuda:N, got {self.device!r}"))
+            else:
+                device = (self.device or "CPU").upper()
+                if not re.fullmatch(r"CPU|NPU|AUTO|GPU(\.\d+)?|(AUTO|HETERO|MULTI):[\w.,]+", device):
+                    problems.append(("device", f"OpenVINO device must be CPU, GPU, GPU.N, NPU or AUTO,"
+                                     f" got {self.device!r}"))
+            _fill(self, "device", device)
+        _raise_problems(problems)
+        return self
+
+
+class LatencyConfig(_Strict):
+    warmup: int = Field(10, ge=0, description="Untimed runs before measuring.")
+    min_runs: int = Field(50, ge=1, description="Timed runs, at least.")
+    min_time_s: float = Field(1.0, ge=0, description="Keep measuring until this much time has passed.")
+
+
+class ChecksConfig(_Strict):
+    accuracy: AccuracyCheck = Field(default_factory=AccuracyCheck, description="Accuracy gate.")
+    targets: list[TargetConfig] = Field(default_factory=list, description="One benchmark row per runtime/device.")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig, description="How latency is measured.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ChecksConfig:
+        seen: dict[str, int] = {}
+        for i, target in enumerate(self.targets):
+            if target.name in seen:
+                raise _Problems([(f"targets[{i}].name", f"{target.name!r} is already used by "
+                                  f"targets[{seen[target.name]}]; names must be unique")])
+            seen[target.name] = i
+        return self
+
+
+# ---------------------------------------------------------------------------------------- report
+
+class ReportConfig(_Strict):
+    plots: bool = Field(True, description="Write PNG plots (needs matplotlib; skipped with a note if missing).")
+    formats: list[Literal["json", "md"]] = Field(
+        default_factory=lambda: ["json", "md"], description="Report files (report.json is always written).")
+
+
+# ---------------------------------------------------------------------------------------- recipe
+
+class Recipe(_Strict):
+    version: Literal[1] = Field(1, description="Recipe format version.")
+    name: str = Field(..., description="Run name; outputs go to runs/<name>/.")
+    model: ModelConfig = Field(..., description="The dense input model.")
+    data: DataConfig = Field(..., description="Training, validation and calibration data.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="PFP pruning.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tuning after pruning.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX / OpenVINO export.")
+    checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Accuracy and latency gates.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Report outputs.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(f"must be a plain directory name (letters, digits, '.', '_', '-'), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_shapes(self) -> Recipe:
+        """Fill model.in_channels / input_shape / num_classes and data.image_size so they agree."""
+        model, data = self.model, self.data
+        fmt_channels, fmt_size, fmt_classes = FORMAT_DEFAULTS[data.format]
+        shape = model.input_shape
+        channels = model.in_channels or (shape[1] if shape else fmt_channels)
+        size = data.image_size or (shape[2] if shape else fmt_size)
+        problems = []
+        if shape is None:
+            shape = [1, channels, size, size]
+        if shape[1] != channels:
+            problems.append(("model.in_channels", f"is {channels} but model.input_shape {shape} has "
+                             f"{shape[1]} channels; make them agree or drop one"))
+        if data.image_size is not None and shape[2:] != [size, size]:
+            problems.append(("data.image_size", f"is {size} but model.input_shape is {shape}; make "
+                             "them agree or drop one"))
+        if data.format == "fashion_mnist" and channels not in (1, 3):
+            problems.append(("model.in_channels", f"Fashion-MNIST is grayscale: use 1 (or 3 to "
+                             f"replicate the channel), got {channels}"))
+        data_classes = data.synthetic.num_classes if data.format == "synthetic" else fmt_classes
+        if model.num_classes is not None and data_classes is not None and model.num_classes != data_classes:
+            problems.append(("model.num_classes", f"is {model.num_classes} but the {data.format} data "
+                             f"has {data_classes} classes"))
+        for i, target in enumerate(self.checks.targets):
+            needed = {"onnxruntime": "onnx", "openvino": "openvino"}.get(target.runtime)
+            if needed and needed not in self.export.formats:
+                problems.append((f"checks.targets[{i}].runtime", f"{target.runtime} needs "
+                                 f"export.formats to include {needed} (now {self.export.formats})"))
+        _raise_problems(problems)
+        _fill(model, "in_channels", channels)
+        _fill(model, "input_shape", list(shape))
+        if shape[2] == shape[3]:
+            _fill(data, "image_size", shape[2])
+        if model.num_classes is None and data_classes is not None:
+            _fill(model, "num_classes", data_classes)
+        return self
+
+    def resolved(self) -> dict:
+        """The recipe with every default and derived value filled in, as plain YAML-able data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML (written to runs/<name>/recipe.resolved.yaml)."""
+        return yaml.safe_dump(self.resolved(), sort_keys=False, default_flow_style=None)
+
+
+# ------------------------------------------------------------------------------------- loading
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> Recipe:
+    """Validate a recipe from a YAML path, a dict or a Recipe, after applying `key.path=value` overrides.
+
+    Raises RecipeError with every problem, one line each, naming the dotted key (and file line).
+    """
+    overrides = list(overrides)
+    origin, lines = "recipe", {}
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        raw = source.model_dump(mode="json", exclude_unset=True)
+    elif isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    elif isinstance(source, (str, Path)):
+        origin = str(source)
+        raw, lines = _read_yaml(Path(source))
+    else:
+        raise RecipeError(f"load_recipe() takes a YAML path, a dict or a Recipe, got {type(source).__name__}")
+    overridden = [_apply_override(raw, item) for item in overrides]
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, origin, lines, overridden)) from None
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+    """Parse a recipe file: (data, {key path: 1-based line}); duplicate keys are errors."""
+    if not path.is_file():
+        where = "is a directory, not a file" if path.is_dir() else "does not exist"
+        examples = sorted(str(p) for p in Path("recipes").glob("*.yaml"))[:4]
+        hint = f" Examples: {', '.join(examples)}" if examples else ""
+        raise RecipeError(f"Recipe file {path} {where}. Pass the path of a YAML recipe.{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"Cannot read recipe {path}: {exc}. Recipes are UTF-8 YAML text files.") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: YAML syntax error: {problem}. Check the indentation and that "
+                          "every 'key:' is followed by a space.") from None
+    if data is None:
+        raise RecipeError(f"Recipe file {path} is empty. Start from recipes/fashion_mnist_quickstart.yaml.")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1: the recipe must be a mapping of sections (version, name, model, "
+                          f"data, ...), got a {type(data).__name__}")
+    lines: dict[tuple, int] = {}
+    _index_lines(node, (), lines, path)
+    return data, lines
+
+
+def _index_lines(node: yaml.Node, at: tuple, lines: dict[tuple, int], path: Path) -> None:
+    lines[at] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                dotted = _dotted(at + (key,))
+                raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: duplicate key {dotted} "
+                                  f"(first defined on line {seen[key]}); merge the two entries")
+            seen[key] = key_node.start_mark.line + 1
+            _index_lines(value_node, at + (key,), lines, path)
+            lines[at + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, at + (i,), lines, path)
+
+
+# ----------------------------------------------------------------------------------- overrides
+
+def _split_path(path: str) -> list[str | int]:
+    """'checks.targets[0].batch' or 'checks.targets.0.batch' -> ['checks', 'targets', 0, 'batch']."""
+    parts: list[str | int] = []
+    for piece in path.replace("[", ".").replace("]", "").split("."):
+        if piece == "":
+            raise RecipeError(f"--set {path!r}: empty key in the path")
+        parts.append(int(piece) if piece.isdigit() else piece)
+    return parts
+
+
+def _apply_override(raw: dict, item: str) -> tuple:
+    """Apply one `key.path=value` to the raw recipe dict; returns the key path."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. --set finetune.epochs=2")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {item!r}: the value is not valid YAML ({exc}). Quote strings "
+                          "that contain ':' or '#'.") from None
+    parts = _split_path(key)
+    node: Any = raw
+    schema: Any = Recipe
+    for depth, part in enumerate(parts):
+        here = _dotted(parts[:depth]) or "the recipe"
+        schema = _strip_optional(schema)
+        if _is_model(schema):
+            if not isinstance(part, str) or part not in schema.model_fields:
+                valid = list(schema.model_fields)
+                hint = _nearest(str(part), valid)
+                hint = f' Did you mean "{_dotted(parts[:depth] + [hint])}"?' if hint else ""
+                raise RecipeError(f"--set {key}: unknown key {part!r} in {here}.{hint} "
+                                  f"Valid keys: {', '.join(valid)}")
+            schema = schema.model_fields[part].annotation
+        elif get_origin(schema) is list:
+            if not isinstance(part, int):
+                raise RecipeError(f"--set {key}: {here} is a list; address an entry by index, "
+                                  f"e.g. {here}[0], or set the whole list")
+            if not isinstance(node, list) or part >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise RecipeError(f"--set {key}: {here} has {size} entries, so index {part} does not "
+                                  "exist; set the whole list instead")
+            schema = get_args(schema)[0]
+        elif get_origin(schema) is dict:
+            schema = get_args(schema)[1]
+        else:
+            raise RecipeError(f"--set {key}: {here} is a value, not a section; use --set {here}=...")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node[part] if isinstance(node, list) else node.get(part)
+            if not isinstance(child, (dict, list)):
+                child = {}
+                node[part] = child
+            node = child
+    return tuple(parts)
+
+
+# ------------------------------------------------------------------------------ error messages
+
+def _format_errors(exc: ValidationError, origin: str, lines: dict[tuple, int], overridden: list[tuple]) -> str:
+    """One line per problem: '<file>:<line>: <dotted.key>: <what is wrong>'."""
+    messages: list[tuple[tuple, str]] = []
+    unions: dict[tuple, list[dict]] = {}
+    for err in exc.errors():
+        clean, info, is_union = _schema_at(err["loc"])
+        if is_union:
+            unions.setdefault(clean, []).append(err)
+            continue
+        if err["type"] == "value_error" and isinstance(err.get("ctx", {}).get("error"), _Problems):
+            for rel, msg in err["ctx"]["error"].problems:
+                messages.append((clean + tuple(_split_path(rel)), msg))
+            continue
+        messages.append((clean, _describe(err, clean, info)))
+    for clean, errs in unions.items():
+        expected = " or ".join(dict.fromkeys(_expected(e["msg"]) for e in errs))
+        messages.append((clean, f"expected {expected}, got {_show(errs[0]['input'])}"))
+
+    out = []
+    for loc, msg in sorted(messages, key=lambda item: _line_of(item[0], lines)):
+        prefix = _where(loc, origin, lines, overridden)
+        out.append(f"  {prefix}{_dotted(loc) or '(top level)'}: {msg}")
+    noun = "problem" if len(out) == 1 else "problems"
+    return f"Invalid recipe {origin} ({len(out)} {noun}):\n" + "\n".join(out)
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int]) -> int:
+    """Line of the key, else of its nearest enclosing key (0 when unknown)."""
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return 0
+
+
+def _where(loc: tuple, origin: str, lines: dict[tuple, int], overridden: list[tuple]) -> str:
+    if any(loc[: len(o)] == o for o in overridden):
+        return "(from --set) "
+    line = _line_of(loc, lines)
+    return f"{origin}:{line}: " if line else ""
+
+
+def _describe(err: dict, loc: tuple, info: Any) -> str:
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        parent_loc = loc[:-1]
+        model = _model_at(parent_loc)
+        valid = list(model.model_fields) if model else []
+        hint = _nearest(str(loc[-1]), valid)
+        hint = f' Did you mean "{_dotted(parent_loc + (hint,))}"?' if hint else ""
+        return f"unknown key.{hint} Valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'|(\d+)", err["ctx"]["expected"])
+        options = [a or b for a, b in options]
+        hint = _nearest(str(value), options)
+        hint = f' Did you mean "{hint}"?' if hint else ""
+        return f"got {_show(value)}; valid values: {', '.join(options)}.{hint}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"must be {_bounds(info, err['ctx'])}, got {_show(value)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping of keys (a section), got {_show(value)}"
+    if kind == "value_error":
+        return str(err["ctx"]["error"])
+    msg = err["msg"]
+    if msg.startswith("Input should be "):
+        return f"expected {_expected(msg)}, got {_show(value)}"
+    return f"{msg[0].lower()}{msg[1:]}, got {_show(value)}"
+
+
+def _expected(msg: str) -> str:
+    return msg.removeprefix("Input should be ").split(",")[0]
+
+
+def _bounds(info: Any, ctx: dict) -> str:
+    """'in (0, 1]' from the field's constraints; falls back to the violated one."""
+    limits: dict[str, Any] = {}
+    for meta in getattr(info, "metadata", []) or []:
+        for name in ("gt", "ge", "lt", "le"):
+            if getattr(meta, name, None) is not None:
+                limits[name] = getattr(meta, name)
+    limits = limits or dict(ctx)
+    low = ("(", limits["gt"]) if "gt" in limits else ("[", limits["ge"]) if "ge" in limits else None
+    high = (")", limits["lt"]) if "lt" in limits else ("]", limits["le"]) if "le" in limits else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>' if low[0] == '(' else '>='} {low[1]}"
+    return f"{'<' if high[0] == ')' else '<='} {high[1]}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dotted(parts: Iterable) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_]\w*", str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f'["{part}"]'
+    return out
+
+
+def _nearest(name: str, valid: Iterable[str]) -> str | None:
+    """The closest valid name (same cutoff as errors.did_you_mean), or None."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+# ------------------------------------------------------------------------------ schema walking
+
+def _strip_optional(ann: Any) -> Any:
+    if get_origin(ann) is Annotated:
+        return _strip_optional(get_args(ann)[0])
+    if get_origin(ann) in (Union, types.UnionType):
+        rest = [a for a in get_args(ann) if a is not type(None)]
+        if len(rest) == 1:
+            return _strip_optional(rest[0])
+    return ann
+
+
+def _is_model(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _field_info(ann: Any) -> Any:
+    """The FieldInfo inside Annotated[x, Field(...)] (list items, dict values), else None."""
+    if get_origin(ann) is Annotated:
+        for meta in get_args(ann)[1:]:
+            if hasattr(meta, "metadata"):
+                return meta
+    return None
+
+
+def _schema_at(loc: tuple) -> tuple[tuple, Any, bool]:
+    """Follow an error location through the schema: (location without union tags, FieldInfo, is_union)."""
+    schema: Any = Recipe
+    info = None
+    clean: list = []
+    for part in loc:
+        base = _strip_optional(schema)
+        if _is_model(base) and part in base.model_fields:
+            info = base.model_fields[part]
+            schema = info.annotation
+        elif get_origin(base) in (list, dict) and not _is_model(base):
+            schema = get_args(base)[-1]
+            info = _field_info(schema)
+        elif get_origin(base) in (Union, types.UnionType):
+            return tuple(clean), info, True  # pydantic tags union members; report on the field
+        else:
+            schema, info = None, None
+        clean.append(part)
+    return tuple(clean), info, False
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    schema: Any = Recipe
+    for part in loc:
+        base = _strip_optional(schema)
+        if _is_model(base) and part in base.model_fields:
+            schema = base.model_fields[part].annotation
+        elif get_origin(base) in (list, dict):
+            schema = get_args(base)[-1]
+        else:
+            return None
+    base = _strip_optional(schema)
+    return base if _is_model(base) else None
