@@ -1,0 +1,639 @@
+"""Human-readable run report: report.md with tables and PNG plots, an atomic JSON writer and a terminal summary.
+
+The input is the plain report dict the pipeline builds (every section optional). matplotlib is imported
+inside the plotting functions, so importing this module stays cheap and works without the report extra.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+PLOT_DPI = 110
+MAX_GROUP_ROWS = 20  # more groups than this: the width table goes under <details>
+MAX_BAR_LABELS = 40  # more groups than this: widths.png becomes a profile with sparse labels
+MAX_SUMMARY_TARGETS = 12
+ACCURACY_STEPS = (("dense", "Dense"), ("pruned_only", "Pruned only"),
+                  ("bn_recalibrated", "+ BN recalibration"), ("finetuned", "+ Fine-tune"))
+STATUS_BADGE = {"passed": "✅ PASSED", "failed": "❌ FAILED", "error": "💥 ERROR",
+                "interrupted": "⏸️ INTERRUPTED", "skipped": "⏭️ SKIPPED"}
+NOT_RUN = "_Not run._"
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temp file next to `path`; rename it over `path` only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON types: NaN/inf -> None, Path -> str, tensors/numpy -> numbers or lists."""
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (datetime.datetime, datetime.date)):
+        return obj.isoformat()
+    if hasattr(obj, "tolist"):  # torch tensors, numpy arrays and scalars, without importing either
+        return to_jsonable(obj.tolist())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj))
+    if hasattr(obj, "model_dump"):  # pydantic models, e.g. recipe rows
+        return to_jsonable(obj.model_dump())
+    return str(obj)  # a report must never fail at the end of a long run over one odd value
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as JSON (sorted keys, indent 2, NaN -> null) via a temp file and rename; return the path."""
+    path = Path(path)
+    text = json.dumps(to_jsonable(obj), sort_keys=True, indent=2, allow_nan=False)
+    with _atomic(path) as f:
+        f.write(text + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _num(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _count(n: Any) -> str:
+    """25557032 -> '25.56 M'."""
+    n = _num(n)
+    if n is None:
+        return "—"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _ms(v: Any) -> str:
+    v = _num(v)
+    return "—" if v is None else f"{v:#.3g}" if v < 99.95 else f"{v:.0f}"  # 3.10, 24.6, 151
+
+
+def _fixed(v: Any, digits: int = 2, suffix: str = "") -> str:
+    v = _num(v)
+    return "—" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def _secs(s: Any) -> str:
+    s = _num(s)
+    if s is None:
+        return "—"
+    if s < 60:
+        return f"{s:.1f} s"
+    minutes, sec = divmod(round(s), 60)
+    return f"{minutes} min {sec:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _cell(value: Any, limit: int = 200) -> str:
+    """Text safe inside a markdown table cell."""
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _ratio(dense: Any, pruned: Any) -> tuple[float | None, float | None]:
+    """(dense / pruned, reduction %)."""
+    d, p = _num(dense), _num(pruned)
+    if not d or not p:
+        return None, None
+    return d / p, 100.0 * (1 - p / d)
+
+
+def _top1(accuracy: Mapping | None, step: str) -> float | None:
+    return _num(((accuracy or {}).get(step) or {}).get("top1"))
+
+
+def _final_step(accuracy: Mapping | None) -> str | None:
+    """The last accuracy step that was measured (fine-tune, else BN recalibration, else pruned only)."""
+    for step, _ in reversed(ACCURACY_STEPS[1:]):
+        if _top1(accuracy, step) is not None:
+            return step
+    return None
+
+
+def _target_where(row: Mapping) -> str:
+    """'onnxruntime / CUDAExecutionProvider', 'openvino / GPU fp16'."""
+    target = row.get("target") or {}
+    measured = row.get("dense") or {}
+    runtime = target.get("runtime") or measured.get("runtime") or "?"
+    where = target.get("provider") or target.get("device") or measured.get("device") or "CPU"
+    precision = target.get("precision") or "fp32"
+    return f"{runtime} / {where}" + ("" if precision == "fp32" else f" {precision}")
+
+
+def _efficiency(row: Mapping) -> float | None:
+    if _num(row.get("efficiency")) is not None:
+        return _num(row["efficiency"])
+    speedup, macs = _num(row.get("speedup")), _num(row.get("macs_ratio"))
+    return speedup / macs if speedup and macs else None
+
+
+# ----------------------------------------------------------------------------- markdown sections
+
+
+def _header(report: Mapping, warnings: list[str]) -> list[str]:
+    status = str(report.get("status") or "unknown")
+    lines = [f"# pfp-deploy report: {report.get('name', 'unnamed run')}", "",
+             f"**Status: {STATUS_BADGE.get(status, status.upper())}** · exit code {report.get('exit_code', '—')}"
+             + (f" · {report['created']}" if report.get("created") else "")]
+    facts = []
+    if (report.get("model") or {}).get("name"):
+        facts.append(f"model `{report['model']['name']}`")
+    if (report.get("data") or {}).get("format"):
+        facts.append(f"data `{report['data']['format']}`")
+    if (report.get("prune") or {}).get("variant"):
+        facts.append(f"PFP variant `{report['prune']['variant']}`")
+    if facts:
+        lines += ["", " · ".join(facts)]
+    if report.get("message"):
+        lines += ["", f"> {_cell(report['message'], 1000)}"]
+    if (report.get("data") or {}).get("meaningful_accuracy") is False:
+        lines += ["", "> ⚠️ **Synthetic data:** accuracy figures below are not meaningful; "
+                      "they only show that the pipeline ran. Point the recipe at a real dataset to judge accuracy."]
+    for warning in warnings:
+        lines += ["", f"> ⚠️ {warning}"]
+    return lines
+
+
+def _summary(report: Mapping) -> list[str]:
+    lines = ["## Summary", ""]
+    model, accuracy = report.get("model"), report.get("accuracy")
+    if model:
+        rows = []
+        for label, key in (("Parameters", "params"), ("MACs", "macs")):
+            ratio, reduction = _ratio(model.get(f"{key}_dense"), model.get(f"{key}_pruned"))
+            rows.append([label, _count(model.get(f"{key}_dense")), _count(model.get(f"{key}_pruned")),
+                         _fixed(ratio, 2, "×"), _fixed(reduction, 1, " %")])
+        lines += _table(["", "Dense", "Pruned", "Ratio", "Reduction"], rows) + [""]
+    else:
+        lines += ["Model size: " + NOT_RUN, ""]
+    if accuracy:
+        final = _final_step(accuracy)
+        rows = []
+        for metric in ("top1", "top5"):
+            values = [_num((accuracy.get(step) or {}).get(metric)) for step, _ in ACCURACY_STEPS]
+            if all(v is None for v in values):
+                continue
+            dense = values[0]
+            final_value = _num((accuracy.get(final) or {}).get(metric)) if final else None
+            drop = dense - final_value if dense is not None and final_value is not None else None
+            rows.append([f"Top-{metric[3:]} (%)", *(_fixed(v) for v in values), _fixed(drop)])
+        lines += _table(["Accuracy", *(label for _, label in ACCURACY_STEPS), "Drop (pts)"], rows)
+    else:
+        lines += ["Accuracy: " + NOT_RUN]
+    return lines
+
+
+def _targets(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
+    lines = ["## Deployment targets", ""]
+    rows = report.get("targets")
+    if rows is None:
+        return lines + [NOT_RUN]
+    if not rows:
+        return lines + ["_No targets configured._"]
+    table = []
+    for row in rows:
+        dense, pruned = row.get("dense") or {}, row.get("pruned") or {}
+        status = str(row.get("status", "?"))
+        batch = (row.get("target") or {}).get("batch") or dense.get("batch") or "—"
+        table.append([row.get("name", "?"), _target_where(row), batch, STATUS_BADGE.get(status, status),
+                      f"{_ms(dense.get('p50_ms'))} / {_ms(dense.get('p90_ms'))}",
+                      f"{_ms(pruned.get('p50_ms'))} / {_ms(pruned.get('p90_ms'))}",
+                      _fixed(row.get("speedup"), 2, "×"), _fixed(row.get("macs_ratio"), 2, "×"),
+                      _fixed(_efficiency(row), 2), "" if status == "passed" else row.get("reason", "")])
+    lines += _table(["Target", "Runtime / device", "Batch", "Status", "Dense p50 / p90 (ms)",
+                     "Pruned p50 / p90 (ms)", "Speed-up", "MACs ratio", "Efficiency", "Reason"], table)
+    lines += ["", "_Efficiency = speed-up ÷ MACs ratio: the share of the MACs cut that turned into time._"]
+    if "latency" in plots:
+        lines += ["", f"![Latency dense vs pruned]({plots['latency'].name})"]
+    return lines
+
+
+def _checks(report: Mapping) -> list[str]:
+    lines = ["## Checks", ""]
+    checks = report.get("checks")
+    if checks is None:
+        return lines + [NOT_RUN]
+    if not checks:
+        return lines + ["_No checks._"]
+    rows = [[c.get("name", "?"), STATUS_BADGE.get(str(c.get("status")), c.get("status")), c.get("detail", "")]
+            for c in checks]
+    return lines + _table(["Check", "Status", "Detail"], rows)
+
+
+def _pruning(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
+    lines = ["## Pruning", ""]
+    prune = report.get("prune")
+    if not prune:
+        return lines + [NOT_RUN]
+    lines += [f"Metric `{prune.get('metric', '?')}` · variant `{prune.get('variant', '?')}`", ""]
+    stages = prune.get("stages") or []
+    if stages:
+        rows = []
+        for i, stage in enumerate(stages, 1):
+            secs = stage.get("seconds") or {}
+            rows.append([i, _fixed(stage.get("keep"), 3), _fixed(stage.get("epsilon"), 3),
+                         _fixed(stage.get("achieved"), 3), _count(stage.get("macs")), _count(stage.get("params")),
+                         _secs(secs.get("sensitivity")), _secs(secs.get("allocation")), _secs(secs.get("removal"))])
+        lines += _table(["Stage", "Keep", "ε", "Achieved", "MACs", "Params", "Sensitivity", "Allocation",
+                         "Removal"], rows) + [""]
+    if prune.get("unprunable_groups"):
+        names = ", ".join(f"`{g}`" for g in prune["unprunable_groups"])
+        lines += [f"Not prunable ({len(prune['unprunable_groups'])}): {names}", ""]
+    groups = prune.get("groups") or []
+    if groups:
+        rows = []
+        for g in groups:
+            before, after = _num(g.get("width_before")), _num(g.get("width_after"))
+            kept = 100.0 * after / before if before and after is not None else None
+            rows.append([g.get("name", "?"), g.get("width_before", "—"), g.get("width_after", "—"),
+                         _fixed(kept, 0, " %")])
+        table = _table(["Group", "Width before", "Width after", "Kept"], rows)
+        if len(groups) > MAX_GROUP_ROWS:  # long tables would push everything else off screen
+            table = [f"<details><summary>Channel widths of {len(groups)} groups</summary>", "", *table, "",
+                     "</details>"]
+        lines += table
+    if "widths" in plots:
+        lines += ["", f"![Channel widths before and after pruning]({plots['widths'].name})"]
+    return lines
+
+
+def _finetune(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
+    lines = ["## Fine-tuning", ""]
+    stages = (report.get("finetune") or {}).get("stages")
+    if not stages:
+        return lines + [NOT_RUN]
+    rows = []
+    for i, stage in enumerate(stages, 1):
+        history = stage.get("history") or []
+        top1 = [_num(h.get("val_top1")) for h in history]
+        top1 = [v for v in top1 if v is not None]
+        rows.append([i, _fixed(stage.get("keep"), 3), len(history), _fixed(max(top1) if top1 else None),
+                     _fixed(top1[-1] if top1 else None), _secs(sum(_num(h.get("seconds")) or 0 for h in history))])
+    lines += _table(["Stage", "Keep", "Epochs", "Best val top-1 (%)", "Last val top-1 (%)", "Time"], rows)
+    if "finetune" in plots:
+        lines += ["", f"![Validation top-1 during fine-tuning]({plots['finetune'].name})"]
+    return lines
+
+
+def _export(report: Mapping) -> list[str]:
+    lines = ["## Export and parity", ""]
+    export = report.get("export")
+    if not export:
+        return lines + [NOT_RUN]
+    files = export.get("files") or {}
+    if files:
+        lines += _table(["File", "Path"], [[k, f"`{v}`"] for k, v in files.items()]) + [""]
+    rows = []
+    for model, parity in (export.get("parity") or {}).items():
+        for rt in (parity or {}).get("runtimes") or []:
+            outputs = rt.get("outputs") or []
+            max_abs = max((_num(o.get("max_abs_diff")) or 0.0 for o in outputs), default=None)
+            max_rel = max((_num(o.get("max_rel_diff")) or 0.0 for o in outputs), default=None)
+            within = rt.get("within_tolerance", all(o.get("within_tolerance") for o in outputs))
+            agreement = _num(rt.get("top1_agreement"))
+            rows.append([model, rt.get("runtime", "?"), "✅ within" if within else "⚠️ outside",
+                         f"{max_abs:.3g}" if max_abs is not None else "—",
+                         f"{max_rel:.3g}" if max_rel is not None else "—",
+                         _fixed(100 * agreement if agreement is not None else None, 2, " %"),
+                         f"atol {parity.get('atol', '—')}, rtol {parity.get('rtol', '—')}, "
+                         f"{parity.get('samples', '—')} samples"])
+    if rows:
+        lines += _table(["Model", "Runtime", "Tolerance", "Max abs diff", "Max rel diff", "Top-1 agreement",
+                         "Setting"], rows)
+    elif not files:
+        lines += [NOT_RUN]
+    return lines
+
+
+def _timings(report: Mapping) -> list[str]:
+    lines = ["## Timings", ""]
+    times = report.get("times")
+    if not times:
+        return lines + [NOT_RUN]
+    rows = [[stage, _secs(s)] for stage, s in times.items()]
+    if "total" not in times:  # the pipeline may already give the wall-clock total
+        rows.append(["**total**", f"**{_secs(sum(_num(s) or 0.0 for s in times.values()))}**"])
+    return lines + _table(["Stage", "Time"], rows)
+
+
+def _env(report: Mapping) -> list[str]:
+    lines = ["## Environment", ""]
+    env = report.get("env")
+    if not env:
+        return lines + [NOT_RUN]
+    rows = []
+    for key, value in env.items():
+        if isinstance(value, Mapping):  # one level of nesting, e.g. {"versions": {...}}
+            rows += [[f"{key}.{k}", v] for k, v in value.items()]
+        else:
+            rows.append([key, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value])
+    return lines + _table(["Key", "Value"], [[k, "—" if v is None else v] for k, v in rows])
+
+
+def render_markdown(report: Mapping, plots: Mapping[str, Path] | None = None,
+                    warnings: Sequence[str] = ()) -> str:
+    """The report.md text; `plots` maps plot names ("latency", "widths", "finetune") to files beside it."""
+    plots = plots or {}
+    sections = [_header(report, list(warnings)), _summary(report), _targets(report, plots), _checks(report),
+                _pruning(report, plots), _finetune(report, plots), _export(report), _timings(report), _env(report)]
+    return "\n\n".join("\n".join(s) for s in sections) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure with its own Agg canvas: no display, no pyplot global state, nothing to close.
+
+    ImportError when matplotlib is missing (it is the optional `report` extra)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def _save(fig, path: Path) -> Path:
+    """Save `fig` as PNG atomically."""
+    fig.tight_layout()
+    with _atomic(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=PLOT_DPI)
+    return path
+
+
+DENSE_COLOR, PRUNED_COLOR = "#8c8c8c", "#1f77b4"
+
+
+def plot_latency(targets: Sequence[Mapping], path: str | os.PathLike) -> Path | None:
+    """Grouped bars of dense vs pruned p50 per measured target, p90 as whiskers, speed-up annotated."""
+    rows = [t for t in targets if _num((t.get("dense") or {}).get("p50_ms")) is not None
+            and _num((t.get("pruned") or {}).get("p50_ms")) is not None]
+    if not rows:
+        return None
+    import numpy as np
+
+    p50 = {k: np.array([r[k]["p50_ms"] for r in rows], float) for k in ("dense", "pruned")}
+    p90 = {k: np.array([_num(r[k].get("p90_ms")) or r[k]["p50_ms"] for r in rows], float)
+           for k in ("dense", "pruned")}
+    x, width = np.arange(len(rows)), 0.38
+    fig, ax = _figure(max(6.0, 1.3 * len(rows) + 2), 4.5)
+    for offset, key, color in ((-width / 2, "dense", DENSE_COLOR), (width / 2, "pruned", PRUNED_COLOR)):
+        whisker = [np.zeros(len(rows)), np.maximum(p90[key] - p50[key], 0)]  # upward only: p50 -> p90
+        ax.bar(x + offset, p50[key], width, color=color, label=f"{key} p50",
+               yerr=whisker, capsize=4, error_kw={"elinewidth": 1, "ecolor": "#333333"})
+    # A GPU target at 0.5 ms next to a CPU one at 50 ms would be invisible on a linear axis.
+    top = max(p90["dense"].max(), p90["pruned"].max())
+    log = top / max(min(p50["dense"].min(), p50["pruned"].min()), 1e-9) > 30
+    if log:
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 20 rather than 2x10^1
+    for i, row in enumerate(rows):
+        speedup = _num(row.get("speedup"))
+        if speedup is not None:
+            y = max(p90["dense"][i], p90["pruned"][i])
+            ax.annotate(f"{speedup:.2f}×", (x[i], y), xytext=(0, 4), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=9, fontweight="bold")
+    labels = [f"{r.get('name', '?')}\n{_target_where(r)}" + ("" if r.get("status") == "passed"
+                                                             else f"\n({r.get('status')})") for r in rows]
+    ax.set_xticks(x, labels, fontsize=8, rotation=20 if len(rows) > 5 else 0,
+                  ha="right" if len(rows) > 5 else "center")
+    ax.set_ylabel("latency per batch (ms)" + (", log scale" if log else ""))
+    ax.set_title("Dense vs pruned latency (bar: p50, whisker: p90; label: speed-up)", fontsize=10)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_widths(groups: Sequence[Mapping], path: str | os.PathLike) -> Path | None:
+    """Channel width per prunable group before (grey) and after (blue) pruning, in network order."""
+    rows = [g for g in groups if _num(g.get("width_before")) is not None and _num(g.get("width_after")) is not None]
+    if not rows:
+        return None
+    import numpy as np
+
+    before = np.array([g["width_before"] for g in rows], float)
+    after = np.array([g["width_after"] for g in rows], float)
+    names = [str(g.get("name", i)) for i, g in enumerate(rows)]
+    if len(rows) <= MAX_BAR_LABELS:  # horizontal bars, every group named and annotated
+        fig, ax = _figure(8, 0.28 * len(rows) + 1.5)
+        y = np.arange(len(rows))
+        ax.barh(y, before, color="#d9d9d9", label="before")
+        ax.barh(y, after, height=0.5, color=PRUNED_COLOR, label="after")
+        for i in range(len(rows)):
+            ax.text(before[i], y[i], f" {after[i]:.0f}/{before[i]:.0f}", va="center", fontsize=7)
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()  # first layer at the top
+        ax.set_xlabel("channels")
+        ax.set_xlim(0, before.max() * 1.18)  # room for the annotations
+        ax.legend(fontsize=8, loc="best")
+    else:  # 100+ groups: a width profile along the network, only every step-th group named
+        fig, ax = _figure(11, 4.5)
+        x = np.arange(len(rows))
+        ax.bar(x, before, width=1.0, color="#d9d9d9", label="before")
+        ax.bar(x, after, width=0.7, color=PRUNED_COLOR, label="after")
+        step = math.ceil(len(rows) / 30)
+        ax.set_xticks(x[::step], names[::step], rotation=90, fontsize=7)
+        ax.set_xlim(-1, len(rows))
+        ax.set_ylabel("channels")
+        ax.set_xlabel(f"group in network order ({len(rows)} groups, every {step}th named)")
+        ax.legend(fontsize=8, loc="upper left")
+    kept = 100.0 * after.sum() / before.sum() if before.sum() else 0.0
+    ax.set_title(f"Channel widths per group ({kept:.0f} % of channels kept)", fontsize=10)
+    ax.grid(axis="x" if len(rows) <= MAX_BAR_LABELS else "y", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_finetune(stages: Sequence[Mapping], path: str | os.PathLike, dense_top1: float | None = None) -> Path | None:
+    """Validation top-1 per epoch, stages one after another on one axis; dense top-1 as a dashed line."""
+    series, start = [], 0
+    for i, stage in enumerate(stages, 1):
+        points = [_num(h.get("val_top1")) for h in stage.get("history") or []]
+        if any(p is not None for p in points):
+            series.append((i, stage.get("keep"), list(range(start + 1, start + len(points) + 1)), points))
+        start += len(points)
+    if not series:
+        return None
+    fig, ax = _figure(7, 4)
+    for i, keep, epochs, points in series:
+        keep_text = f"keep {_fixed(keep, 2)}" if keep is not None else ""
+        ax.plot(epochs, [float("nan") if p is None else p for p in points], marker="o", markersize=4,
+                label=f"stage {i} {keep_text}".strip())
+        if i > 1:
+            ax.axvline(epochs[0] - 0.5, color="#bbbbbb", linewidth=0.8)
+    if _num(dense_top1) is not None:
+        ax.axhline(dense_top1, color="black", linestyle="--", linewidth=1, label=f"dense {dense_top1:.2f} %")
+    ax.set_xlabel("epoch (stages in order)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("Fine-tuning: validation top-1 per epoch", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, Path(path))
+
+
+def plot_accuracy_vs_macs(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "Top-1 vs MACs",
+                          xlabel: str = "MACs ratio (dense ÷ pruned)") -> Path:
+    """One line per `method` of top-1 (%) against `macs_ratio`, from dicts {method, macs_ratio, top1}."""
+    methods: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        x, y = _num(row.get("macs_ratio")), _num(row.get("top1"))
+        if x is not None and y is not None:
+            methods.setdefault(str(row.get("method", "?")), []).append((x, y))
+    fig, ax = _figure(6.5, 4.5)
+    markers = "osD^vP*X"
+    for i, (method, points) in enumerate(methods.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)],
+                markersize=5, label=method)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+PLOTS: dict[str, Callable[[Mapping, Path], Path | None]] = {
+    "latency": lambda r, p: plot_latency(r.get("targets") or [], p),
+    "widths": lambda r, p: plot_widths((r.get("prune") or {}).get("groups") or [], p),
+    "finetune": lambda r, p: plot_finetune((r.get("finetune") or {}).get("stages") or [], p,
+                                           _top1(r.get("accuracy"), "dense")),
+}
+
+
+def write_report(report: Mapping, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.md and the plots for the sections present into out_dir (atomically).
+
+    Returns {"report": report.md, "latency"/"widths"/"finetune": png} for the files written. A plot that
+    cannot be drawn (no matplotlib, odd data) becomes a warning in report.md instead of an exception."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {}
+    warnings: list[str] = []
+    for name, draw in PLOTS.items():
+        path = out_dir / f"{name}.png"
+        try:
+            written = draw(report, path)
+        except ImportError:
+            warnings.append("Plots skipped: matplotlib is not installed (install pfp-deploy[report]).")
+            break
+        except Exception as exc:  # a plotting bug must not lose the report of a long run
+            warnings.append(f"{name} plot failed: {type(exc).__name__}: {exc}")
+            written = None
+        if written is not None:
+            plots[name] = written
+        else:  # a stale plot from an earlier run would contradict this report
+            path.unlink(missing_ok=True)
+    md_path = out_dir / "report.md"
+    with _atomic(md_path) as f:
+        f.write(render_markdown(report, plots, warnings))
+    return {"report": md_path, **plots}
+
+
+# ----------------------------------------------------------------------------- terminal
+
+
+def _clip(line: str, width: int = 100) -> str:
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def format_summary(report: Mapping, run_dir: str | os.PathLike | None = None) -> str:
+    """Plain-text summary of a run for the terminal (ASCII only, at most 30 lines)."""
+    status = str(report.get("status") or "unknown")
+    lines = [f"pfp-deploy {report.get('name', 'run')}: {status.upper()} (exit code {report.get('exit_code', '?')})"]
+    if report.get("message"):
+        lines.append("  " + " ".join(str(report["message"]).split()))
+    model = report.get("model") or {}
+    for label, key in (("params", "params"), ("MACs  ", "macs")):
+        dense, pruned = model.get(f"{key}_dense"), model.get(f"{key}_pruned")
+        if dense is not None:
+            ratio, reduction = _ratio(dense, pruned)
+            tail = f"  ({ratio:.2f}x, -{reduction:.1f} %)" if ratio else ""
+            lines.append(f"  {label}  {_count(dense)} -> {_count(pruned)}{tail}")
+    accuracy = report.get("accuracy") or {}
+    dense_top1, final = _top1(accuracy, "dense"), _final_step(accuracy)
+    if dense_top1 is not None or final:
+        final_top1 = _top1(accuracy, final) if final else None
+        drop = f"  (drop {dense_top1 - final_top1:.2f} pts)" \
+            if dense_top1 is not None and final_top1 is not None else ""
+        where = dict(ACCURACY_STEPS).get(final, "").lstrip("+ ").lower() if final else ""
+        lines.append(f"  top-1   {_fixed(dense_top1)} % -> {_fixed(final_top1)} %{drop}"
+                     + (f" after {where}" if where else ""))
+    if (report.get("data") or {}).get("meaningful_accuracy") is False:
+        lines.append("  WARNING: synthetic data, accuracy figures are not meaningful")
+    targets = report.get("targets")
+    if targets:
+        counts = _tally(t.get("status") for t in targets)
+        lines.append(f"targets ({len(targets)}): {counts}")
+        for t in targets[:MAX_SUMMARY_TARGETS]:
+            speed = f"{t['speedup']:.2f}x" if _num(t.get("speedup")) else "-"
+            eff = f"eff {_efficiency(t):.2f}" if _efficiency(t) is not None else ""
+            detail = eff if t.get("status") == "passed" else str(t.get("reason", ""))
+            lines.append(_clip(f"  {str(t.get('status', '?')):<8} {str(t.get('name', '?')):<20} "
+                               f"{speed:>7}  {detail}"))
+        if len(targets) > MAX_SUMMARY_TARGETS:
+            lines.append(f"  ... and {len(targets) - MAX_SUMMARY_TARGETS} more (see report.md)")
+    checks = report.get("checks")
+    if checks:
+        failed = [c.get("name", "?") for c in checks if c.get("status") == "failed"]
+        lines.append(_clip(f"checks ({len(checks)}): {_tally(c.get('status') for c in checks)}"
+                           + (f"; failed: {', '.join(failed)}" if failed else "")))
+    run_dir = run_dir or report.get("run_dir")
+    if run_dir:
+        lines.append(f"run dir: {run_dir}")
+        lines.append(f"report:  {Path(run_dir) / 'report.md'}")
+    return "\n".join(_clip(line, 120) for line in lines)  # at most 23 lines by construction
+
+
+def _tally(statuses) -> str:
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[str(s)] = counts.get(str(s), 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
