@@ -1,0 +1,48 @@
+"""pfp-deploy: prune PyTorch CNNs with Provable Filter Pruning and prove they got faster.
+
+Public API (heavy or optional parts load on first use, so `import pfp_deploy` stays light and
+never imports onnxruntime or openvino):
+
+    pfp_deploy.prune(model, calibration, example_inputs, keep=0.5)   -> PruneResult
+    pfp_deploy.sensitivity(model, batches)                          -> {layer: Tensor}
+    pfp_deploy.optimize("recipes/fashion_mnist_quickstart.yaml")     -> Result
+    pfp_deploy.finetune / export_onnx / export_openvino / check_parity / benchmark helpers
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import (CalibrationError, DataError, ExportError, ModelLoadError, PFPDeployError, PruningError,
+                     RecipeError, RuntimeUnavailableError, ShapeMismatchError, TargetUnattainableError,
+                     TrainingError, UnsupportedModelError, UsageError)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "prune": "pruning", "PruneResult": "pruning", "Plan": "pruning", "apply_plan": "pruning",
+    "save_pruned": "pruning", "load_pruned": "pruning", "count_cost": "pruning",
+    "sensitivity": "pfp.sensitivity", "calibration_size": "pfp.sensitivity",
+    "optimize": "pipeline", "Result": "pipeline",
+    "Recipe": "recipe", "load_recipe": "recipe",
+    "finetune": "finetune", "FinetuneConfig": "finetune", "evaluate": "finetune",
+    "recalibrate_batchnorm": "finetune",
+    "export_onnx": "export", "export_openvino": "export", "check_parity": "export",
+    "make_runner": "bench", "measure_latency": "bench", "compare_latency": "bench",
+    "run_targets": "checks", "evaluate_report": "checks",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pfp_deploy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(list(_LAZY) + [
+    "PFPDeployError", "UsageError", "RecipeError", "DataError", "ModelLoadError", "UnsupportedModelError",
+    "PruningError", "CalibrationError", "TargetUnattainableError", "ExportError", "ShapeMismatchError",
+    "RuntimeUnavailableError", "TrainingError",
+])

@@ -98,6 +98,9 @@ class LayerSensitivity:
         z = torch.matmul(self.w_signed, u).abs()  # [B, 2F, P]
         v = torch.where(z > EPS32, z.reciprocal(), torch.zeros((), device=z.device))
         del z
+        if u.shape[-1] == 1:  # one position (Linear on 2-D input): the max is a single product
+            self.values = torch.maximum(self.values, self._single_position(u[..., 0], v[..., 0]))
+            return
         upper = self._upper_bound(u, v)  # [B, R, F], >= g for every (sample, row, filter)
         batch, rows, filters = upper.shape
         # Exact value of the most promising pair of every channel: a lower bound of s[c].
@@ -109,6 +112,19 @@ class LayerSensitivity:
         # Only pairs whose bound beats the channel's best can change it: compute those exactly.
         b, r, f = torch.nonzero(upper > self._per_row(best), as_tuple=True)
         self.values = self._exact(u, v, best, b, r, f)
+
+    def _single_position(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """P == 1: s[c] = max_b U[b, r] * max_f |W[f, r]| V^sign[b, f], in filter chunks."""
+        batch, rows = u.shape
+        filters = self.out_features
+        w_pos, w_neg = self.w_signed[:filters].t(), self.w_signed[filters:].abs().t()  # [R, F]
+        best = torch.zeros(batch, rows, device=u.device)
+        chunk = max(1, self.budget // max(1, 2 * batch * rows))
+        for f0 in range(0, filters, chunk):
+            f1 = min(filters, f0 + chunk)
+            best = torch.maximum(best, (v[:, None, f0:f1] * w_pos[:, f0:f1]).amax(dim=-1))
+            best = torch.maximum(best, (v[:, None, filters + f0:filters + f1] * w_neg[:, f0:f1]).amax(dim=-1))
+        return self._per_channel((best * u).amax(dim=0))
 
     def _upper_bound(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """U[b,r,f] >= g via the q-norm: max_p x_p <= (sum_p x_p^q)^(1/q) <= P^(1/q) max_p x_p.
