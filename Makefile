@@ -1,10 +1,11 @@
-# One-command set-up: each target creates .venv when missing and installs the project into it.
+# One-command set-up: every target creates .venv when missing and installs the project into it.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: test test-all demo bench clean
+.PHONY: test test-all demo data bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,11 +13,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[deploy,report,test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Real data: Debian's dataset-fashion-mnist (gzipped IDX files). Tests that need it skip without it.
+data:
+	@test -d $(FMNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "warning: could not install dataset-fashion-mnist (needs root and Debian's package index)"
+
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) data
 	$(BIN)/python -m pytest -q --runslow
+
+# The main job: a real optimize run on Fashion-MNIST (trains the baseline once, prunes, fine-tunes).
+demo: $(STAMP) data
+	$(BIN)/pfp-deploy optimize --recipe recipes/fashion_mnist_quickstart.yaml --overwrite
+
+bench: $(STAMP) data
+	$(BIN)/python -m benchmarks.sensitivity_speed --arch resnet18
+	$(BIN)/python -m benchmarks.sensitivity_speed --arch resnet50
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,31 @@
+"""Architecture coverage: torchvision models pruned to half their MACs (random init, 32 px)."""
+import pytest
+import torch
+import torchvision
+
+from pfp_deploy.errors import UnsupportedModelError
+from pfp_deploy.pruning import count_cost, prune
+
+ARCHS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121",
+         "efficientnet_b0", "regnet_x_400mf", "resnext50_32x4d", "convnext_tiny"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_half_macs(arch):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune(model, [torch.randn(2, 3, 32, 32)], x, keep=0.5)
+    macs0, _ = count_cost(model, x)
+    macs1, _ = count_cost(result.model, x)
+    assert abs(macs1 / macs0 - 0.5) <= 0.01, f"{arch}: achieved {macs1 / macs0:.4f}"
+    with torch.no_grad():
+        assert result.model(x).shape == model(x).shape
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "input model changed"
+
+
+def test_shufflenet_is_reported_unsupported_with_the_op():
+    model = torchvision.models.shufflenet_v2_x1_0(weights=None, num_classes=10).eval()
+    with pytest.raises(UnsupportedModelError, match="ShuffleNetV2 at op .*Reshape"):
+        prune(model, [torch.randn(2, 3, 32, 32)], torch.randn(1, 3, 32, 32), keep=0.5)
