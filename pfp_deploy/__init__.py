@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "prune": "pruning", "PruneResult": "pruning", "Plan": "pruning", "apply_plan": "pruning",
     "save_pruned": "pruning", "load_pruned": "pruning", "count_cost": "pruning",
-    "sensitivity": "pfp.sensitivity", "calibration_size": "pfp.sensitivity",
+    "sensitivity": "pfp.sensitivity", "calibration_size": "data", "paper_calibration_size": "data",
     "optimize": "pipeline", "Result": "pipeline",
     "Recipe": "recipe", "load_recipe": "recipe",
     "finetune": "finetune", "FinetuneConfig": "finetune", "evaluate": "finetune",

@@ -1,4 +1,4 @@
 """PFP (Provable Filter Pruning, Liebenwein et al., ICLR 2020): score, allocate, select."""
-from .sensitivity import calibration_size, is_dense_layer, sensitivity
+from .sensitivity import is_dense_layer, sensitivity
 
-__all__ = ["sensitivity", "calibration_size", "is_dense_layer"]
+__all__ = ["sensitivity", "is_dense_layer"]

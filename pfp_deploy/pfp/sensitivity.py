@@ -272,13 +272,3 @@ def sensitivity(
             "PFP cannot score layers the forward pass does not use: list them in ignored_layers"
         )
     return {name: t.values.cpu() for name, t in trackers.items()}
-
-
-def calibration_size(output_units: list[int], delta: float = 1e-16) -> int:
-    """The paper's |S| = ceil(3 ln(8 eta_max eta / delta)) from the dense layers' output units."""
-    import math
-
-    if not output_units:
-        raise PruningError("no dense layers: cannot size the calibration set")
-    eta, eta_max = sum(output_units), max(output_units)
-    return math.ceil(3 * math.log(8 * eta_max * eta / delta))
