@@ -86,6 +86,7 @@ CONV_CASES = [
     dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=0, bias=False),
     dict(in_channels=2, out_channels=7, kernel_size=(3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
     dict(in_channels=5, out_channels=3, kernel_size=1),
+    dict(in_channels=4, out_channels=5, kernel_size=1, stride=2, bias=False),
     dict(in_channels=3, out_channels=4, kernel_size=5, padding=2, stride=3),
 ]
 

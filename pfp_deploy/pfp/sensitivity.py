@@ -30,7 +30,7 @@ from ..errors import CalibrationError, PruningError
 EPS32 = float(torch.finfo(torch.float32).eps)  # |Z| <= EPS32 contributes 0 (PFP.md §1.3)
 # Upper bound by a q-norm (see LayerSensitivity._upper_bound). q = 16 keeps float32 safe and the
 # bound within P^(1/16) (<= 1.8 for 112x112 maps) of the truth: few pairs are left to check.
-Q_NORM = 16
+Q_NORM = 16  # a power of two: _power_q squares four times
 UNDERFLOW_ROOT = torch.finfo(torch.float32).tiny ** (1.0 / Q_NORM)  # below it x^q underflows
 BOUND_SLACK = 1.001  # covers float32 rounding of the bound (sum of P positive terms, powers)
 
@@ -45,6 +45,9 @@ def _patches(layer: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, int]:
     if isinstance(layer, nn.Linear):
         batch, features = a.shape[0], a.shape[-1]
         return a.reshape(batch, -1, features).transpose(1, 2), 1
+    if layer.kernel_size == (1, 1) and not any(layer._reversed_padding_repeated_twice):
+        sh, sw = layer.stride  # a 1x1 conv's patches are the (strided) pixels: no unfold copy
+        return a[:, :, ::sh, ::sw].reshape(a.shape[0], a.shape[1], -1), 1
     # Pad exactly as the layer does (zeros, reflect, circular, or 'same'), then unfold unpadded.
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
     if any(layer._reversed_padding_repeated_twice):
@@ -135,8 +138,8 @@ class LayerSensitivity:
         u_max = u.amax(dim=-1, keepdim=True)  # [B, R, 1]
         v_max = v.amax(dim=-1, keepdim=True)  # [B, 2F, 1]
         tiny = torch.finfo(torch.float32).tiny
-        u_pow = (u / u_max.clamp_min(tiny)).pow_(Q_NORM)
-        v_pow = (v / v_max.clamp_min(tiny)).pow_(Q_NORM)
+        u_pow = _power_q(u / u_max.clamp_min(tiny))
+        v_pow = _power_q(v / v_max.clamp_min(tiny))
         root = torch.matmul(v_pow, u_pow.transpose(1, 2)).pow_(1.0 / Q_NORM)  # [B, 2F, R]
         del u_pow, v_pow
         bound_m = root.clamp_min_(UNDERFLOW_ROOT).mul_(v_max).mul_(u_max.transpose(1, 2)).mul_(BOUND_SLACK)
@@ -163,6 +166,13 @@ class LayerSensitivity:
 
     def _per_channel(self, per_row: torch.Tensor) -> torch.Tensor:
         return per_row.view(self.in_channels, self.kk).amax(dim=1)
+
+
+def _power_q(x: torch.Tensor) -> torch.Tensor:
+    """x ** Q_NORM in place by repeated squaring (Q_NORM = 16: four multiplies, no exp/log)."""
+    for _ in range(4):
+        x.mul_(x)
+    return x
 
 
 def _first_tensor(batch) -> torch.Tensor:
