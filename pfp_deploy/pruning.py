@@ -266,7 +266,6 @@ def prune(
 
     start = time.perf_counter()
     graph = build_graph(model, example_inputs)
-    names = [n for n, _ in model.named_modules()]
     ignored = output_layers(graph) + resolve_names(model, ignored_layers, "ignored_layers")
     groups, unscored = collect_groups(model, graph, ignored)
     if not groups:
@@ -274,62 +273,34 @@ def prune(
             "no prunable channel group: every group feeds the model output, is ignored, or has no "
             "dense Conv2d/Linear consumer to score it"
         )
-    settings = _match_overrides(groups, overrides, names)
-    batch = example_inputs.shape[0] if isinstance(example_inputs, torch.Tensor) else 1
+    settings = _match_overrides(groups, overrides, [n for n, _ in model.named_modules()])
     positions = _positions(model, example_inputs)
+    batch = example_inputs.shape[0] if isinstance(example_inputs, torch.Tensor) else 1
     info = _consumer_info(groups, sensitivities, model, positions, batch)
-    budgets, score_list = [], []
-    for group, extra in zip(groups, settings):
-        per_consumer = consumer_scores(group, sensitivities)
-        scores = channel_scores(per_consumer, group.width)
-        if importance is not None:
-            scores = torch.as_tensor(importance(group.tp_group), dtype=torch.float64).flatten().cpu()
-            if scores.numel() != group.width:
-                raise PruningError(f"importance returned {scores.numel()} scores for group "
-                                   f"{group.root_name} of width {group.width}")
-        score_list.append(scores.double().numpy())
-        ratio = extra.get("max_prune_ratio", max_prune_ratio)
-        floor = max(extra.get("min_channels", min_channels), 1)
-        if ratio is not None:
-            floor = max(floor, math.ceil((1.0 - ratio) * group.width - 1e-9))
-        budgets.append(allocation.GroupBudget(
-            width=group.width,
-            scores=channel_scores(per_consumer, group.width).double().numpy(),
-            terms=allocation.consumer_terms(per_consumer, info),
-            min_keep=min(floor, group.width),
-            round_to=math.lcm(int(extra.get("round_to", round_to) or 1), group.ch_groups),
-            fixed=bool(extra.get("skip", False)),
-        ))
-
+    defaults = {"min_channels": min_channels, "max_prune_ratio": max_prune_ratio, "round_to": round_to}
+    budgets = [_budget(g, sensitivities, info, {**defaults, **extra}) for g, extra in zip(groups, settings)]
+    choice_scores = [b.scores if importance is None else _importance_scores(importance, g)
+                     for g, b in zip(groups, budgets)]
     macs0, params0 = count_cost(model, example_inputs)
     dense = float(macs0 if metric == "macs" else params0)
     cost = _build_cost_model(positions, groups, metric, dense)
     target = keep * dense
-    rng_seed = seed
-    plan = pruned = None
-    measured = math.inf
-    for attempt in range(4):  # re-allocate with the measured residual until within tolerance
+    timings["allocation"] = timings["removal"] = 0.0
+    for _ in range(4):  # re-allocate with the measured residual until within tolerance
         widths, eps = allocation.allocate(budgets, cost, target, tolerance=0.5 * tolerance * dense)
-        timings["allocation"] = time.perf_counter() - start
+        timings["allocation"] += time.perf_counter() - start
         start = time.perf_counter()
-        rng = np.random.default_rng(rng_seed)
-        stage_groups = []
-        for group, width, scores in zip(groups, widths, score_list):
-            chosen = _select_channels(group, scores, width, variant if importance is None else "deterministic", rng)
-            stage_groups.append({
-                "root": group.root_name, "width_before": group.width, "width_after": int(width),
-                "kept": chosen.kept.tolist(),
-                "gamma": None if chosen.gamma is None else [float(x) for x in chosen.gamma],
-                "members": group.members,
-            })
+        rng = np.random.default_rng(seed)
+        stage_groups = [_group_plan(g, w, sc, variant if importance is None else "deterministic", rng)
+                        for g, w, sc in zip(groups, widths, choice_scores)]
         pruned = _apply_stage(model, stage_groups, example_inputs, fold_gamma=True)
         macs1, params1 = count_cost(pruned, example_inputs)
         measured = float(macs1 if metric == "macs" else params1)
-        timings["removal"] = time.perf_counter() - start
+        timings["removal"] += time.perf_counter() - start
+        start = time.perf_counter()
         if abs(measured - target) <= tolerance * dense:
             break
         cost.correct(cost(widths), measured)
-        start = time.perf_counter()
     if abs(measured - target) > tolerance * dense:
         raise TargetUnattainableError(
             f"could not reach {keep:.1%} of the dense {metric} within {tolerance:.1%}: achieved "
@@ -350,6 +321,39 @@ def prune(
         "calibration_layers": len(sensitivities),
     }
     return PruneResult(model=pruned, plan=Plan([stage]), report=report, sensitivities=sensitivities)
+
+
+def _budget(group: ChannelGroup, sensitivities, info, settings: dict) -> allocation.GroupBudget:
+    """The allocation's view of a group: PFP scores, consumer terms and the user's constraints."""
+    per_consumer = consumer_scores(group, sensitivities)
+    floor = max(int(settings.get("min_channels") or 1), 1)
+    if settings.get("max_prune_ratio") is not None:
+        floor = max(floor, math.ceil((1.0 - settings["max_prune_ratio"]) * group.width - 1e-9))
+    return allocation.GroupBudget(
+        width=group.width,
+        scores=channel_scores(per_consumer, group.width).double().numpy(),
+        terms=allocation.consumer_terms(per_consumer, info),
+        min_keep=min(floor, group.width),
+        round_to=math.lcm(int(settings.get("round_to") or 1), group.ch_groups),
+        fixed=bool(settings.get("skip", False)),
+    )
+
+
+def _importance_scores(importance: Callable, group: ChannelGroup) -> np.ndarray:
+    """Scores from another criterion (e.g. a torch-pruning importance) for choosing channels."""
+    scores = torch.as_tensor(importance(group.tp_group), dtype=torch.float64).flatten().cpu()
+    if scores.numel() != group.width:
+        raise PruningError(f"importance returned {scores.numel()} scores for group {group.root_name} "
+                           f"of width {group.width}")
+    return scores.numpy()
+
+
+def _group_plan(group: ChannelGroup, width: int, scores: np.ndarray, variant: str, rng) -> dict:
+    chosen = _select_channels(group, scores, width, variant, rng)
+    return {"root": group.root_name, "width_before": group.width, "width_after": int(width),
+            "kept": chosen.kept.tolist(),
+            "gamma": None if chosen.gamma is None else [float(x) for x in chosen.gamma],
+            "members": group.members}
 
 
 def _select_channels(group: ChannelGroup, scores: np.ndarray, width: int, variant: str, rng) -> Selection:
