@@ -6,7 +6,7 @@ never imports onnxruntime or openvino):
     pfp_deploy.prune(model, calibration, example_inputs, keep=0.5)   -> PruneResult
     pfp_deploy.sensitivity(model, batches)                          -> {layer: Tensor}
     pfp_deploy.optimize("recipes/fashion_mnist_quickstart.yaml")     -> Result
-    pfp_deploy.finetune / export_onnx / export_openvino / check_parity / benchmark helpers
+    pfp_deploy.finetune.finetune / export_onnx / export_openvino / check_parity / benchmark helpers
 """
 from __future__ import annotations
 
@@ -24,15 +24,21 @@ _LAZY = {
     "sensitivity": "pfp.sensitivity", "calibration_size": "data", "paper_calibration_size": "data",
     "optimize": "pipeline", "Result": "pipeline",
     "Recipe": "recipe", "load_recipe": "recipe",
-    "finetune": "finetune", "FinetuneConfig": "finetune", "evaluate": "finetune",
+    "FinetuneConfig": "finetune", "evaluate": "finetune",
     "recalibrate_batchnorm": "finetune",
     "export_onnx": "export", "export_openvino": "export", "check_parity": "export",
     "make_runner": "bench", "measure_latency": "bench", "compare_latency": "bench",
     "run_targets": "checks", "evaluate_report": "checks",
+    "export_run": "pipeline", "benchmark_run": "pipeline",
 }
+# Stage modules, importable as attributes too (pfp_deploy.finetune.finetune(...), ...).
+_SUBMODULES = {"finetune", "export", "bench", "checks", "report", "data", "models", "recipe", "pipeline",
+               "pruning", "distributed", "pfp"}
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pfp_deploy' has no attribute {name!r}")

@@ -446,7 +446,7 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
                    max_prune_ratio=cfg.max_prune_ratio, ignored_layers=cfg.ignored_layers,
                    overrides={k: v.model_dump(exclude_none=True) for k, v in cfg.overrides.items()},
                    seed=cfg.seed, tolerance=cfg.tolerance / current,
-                   sensitivities=scores)
+                   delta=cfg.delta, c=cfg.c, K=cfg.K, sensitivities=scores)
     pruned = result.model
     run.write_json(f"checkpoints/sensitivity{step}.json", scores)
     macs, params = count_cost(pruned, example)

@@ -205,7 +205,7 @@ def _match_overrides(groups: list[ChannelGroup], overrides: dict | None, module_
     return per_group
 
 
-def _consumer_info(groups, sensitivities, model, positions, batch: int):
+def _consumer_info(groups, sensitivities, model, positions, batch: int, delta: float, c: float):
     """Per dense consumer: (alpha_l, S_l), S_l summed over every input channel it reads."""
     modules = dict(model.named_modules())
     mapped_sum, covered = {}, {}
@@ -223,7 +223,7 @@ def _consumer_info(groups, sensitivities, model, positions, batch: int):
         m = modules[name]
         kernel = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1
         per_point = positions.get(m, batch) / batch  # positions were counted over the example batch
-        info[name] = (allocation.alpha(int(round(per_point)), kernel), total)
+        info[name] = (allocation.alpha(int(round(per_point)), kernel, delta, c), total)
     return info
 
 
@@ -244,6 +244,9 @@ def prune(
     overrides: dict | None = None,
     seed: int = 0,
     tolerance: float = 0.01,
+    delta: float = allocation.DELTA,
+    c: float = allocation.C_CONST,
+    K: float = allocation.K_CONST,
     sensitivities: dict[str, torch.Tensor] | None = None,
     importance: Callable | None = None,
     progress: bool = False,
@@ -253,8 +256,11 @@ def prune(
     `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs); the
     caller's model is never modified. `importance(tp_group) -> Tensor[width]` replaces PFP's
     channel scores for choosing channels (PFP still decides how many each group keeps).
+    delta, c and K are the constants of the paper's sample complexity (PFP.md §3).
     """
     _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio)
+    if not (0 < delta < 1 and c > 0 and K > 0):
+        raise UsageError(f"need 0 < delta < 1, c > 0 and K > 0; got delta={delta}, c={c}, K={K}")
     timings = {}
     t0 = time.perf_counter()
     _check_example_inputs(model, example_inputs)
@@ -276,9 +282,9 @@ def prune(
     settings = _match_overrides(groups, overrides, [n for n, _ in model.named_modules()])
     positions = _positions(model, example_inputs)
     batch = example_inputs.shape[0] if isinstance(example_inputs, torch.Tensor) else 1
-    info = _consumer_info(groups, sensitivities, model, positions, batch)
+    info = _consumer_info(groups, sensitivities, model, positions, batch, delta, c)
     defaults = {"min_channels": min_channels, "max_prune_ratio": max_prune_ratio, "round_to": round_to}
-    budgets = [_budget(g, sensitivities, info, {**defaults, **extra}) for g, extra in zip(groups, settings)]
+    budgets = [_budget(g, sensitivities, info, {**defaults, **extra}, K) for g, extra in zip(groups, settings)]
     choice_scores = [b.scores if importance is None else _importance_scores(importance, g)
                      for g, b in zip(groups, budgets)]
     macs0, params0 = count_cost(model, example_inputs)
@@ -323,7 +329,7 @@ def prune(
     return PruneResult(model=pruned, plan=Plan([stage]), report=report, sensitivities=sensitivities)
 
 
-def _budget(group: ChannelGroup, sensitivities, info, settings: dict) -> allocation.GroupBudget:
+def _budget(group: ChannelGroup, sensitivities, info, settings: dict, k: float) -> allocation.GroupBudget:
     """The allocation's view of a group: PFP scores, consumer terms and the user's constraints."""
     per_consumer = consumer_scores(group, sensitivities)
     floor = max(int(settings.get("min_channels") or 1), 1)
@@ -332,7 +338,7 @@ def _budget(group: ChannelGroup, sensitivities, info, settings: dict) -> allocat
     return allocation.GroupBudget(
         width=group.width,
         scores=channel_scores(per_consumer, group.width).double().numpy(),
-        terms=allocation.consumer_terms(per_consumer, info),
+        terms=allocation.consumer_terms(per_consumer, info, k),
         min_keep=min(floor, group.width),
         round_to=math.lcm(int(settings.get("round_to") or 1), group.ch_groups),
         fixed=bool(settings.get("skip", False)),
@@ -432,6 +438,7 @@ def save_pruned(path, model: nn.Module, plan: Plan, base: dict | None = None, ex
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

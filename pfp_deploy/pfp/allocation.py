@@ -32,6 +32,7 @@ class ConsumerTerm:
     alpha: float  # 2 c ln(8 (P + 1) k / delta)
     total: float  # S_l over all of the consumer's input channels
     p: np.ndarray  # s / S_l restricted to the group's channels (float64)
+    k: float = K_CONST  # the K of m_l(eps)
 
 
 @dataclass
@@ -51,11 +52,11 @@ def alpha(positions: int, kernel: int, delta: float = DELTA, c: float = C_CONST)
     return 2.0 * c * math.log(8.0 * (positions + 1) * kernel / delta)
 
 
-def sample_complexity(eps: float, term: ConsumerTerm, k: float = K_CONST) -> float:
+def sample_complexity(eps: float, term: ConsumerTerm) -> float:
     """m_l(eps) = ceil(K (6 + 2 eps) alpha S / eps^2), at least 1; +inf when it overflows."""
     if term.total <= 0:
         return 1.0
-    log_m = math.log(k * (6.0 + 2.0 * eps) * term.alpha * term.total) - 2.0 * math.log(eps)
+    log_m = math.log(term.k * (6.0 + 2.0 * eps) * term.alpha * term.total) - 2.0 * math.log(eps)
     if log_m > 700.0:  # beyond float64: every channel with p > 0 is drawn
         return math.inf
     return max(1.0, math.ceil(math.exp(log_m)))
@@ -188,13 +189,13 @@ def _greedy_fill(widths, budgets, cost, target, tolerance):
     return widths
 
 
-def consumer_terms(scores_by_consumer, consumer_info) -> list[ConsumerTerm]:
+def consumer_terms(scores_by_consumer, consumer_info, k: float = K_CONST) -> list[ConsumerTerm]:
     """ConsumerTerms for one group from {consumer: mapped scores} and {consumer: (alpha, S_l)}."""
     terms = []
     for name, mapped in scores_by_consumer.items():
         alpha_l, total = consumer_info[name]
         p = mapped.double().numpy() / total if total > 0 else np.zeros(mapped.numel())
-        terms.append(ConsumerTerm(name, alpha_l, total, p))
+        terms.append(ConsumerTerm(name, alpha_l, total, p, k))
     return terms
 
 
