@@ -23,7 +23,8 @@ from pfp_deploy.pfp.sensitivity import EPS32, _patches, dense_layers, split_sign
 def per_filter_loop(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Reference structure: for each filter, g = |W[f]| U / |Z[f]| over all patches, max over p."""
     layers = dense_layers(model)
-    result = {name: torch.zeros(getattr(m, "in_channels", getattr(m, "in_features", 0))) for name, m in layers.items()}
+    result = {name: torch.zeros(getattr(m, "in_channels", getattr(m, "in_features", 0)), device=m.weight.device)
+              for name, m in layers.items()}
 
     def make_hook(name, layer):
         def hook(module, inputs, output):
@@ -36,7 +37,7 @@ def per_filter_loop(model: nn.Module, images: torch.Tensor) -> dict[str, torch.T
                 z_neg = (wf.clamp_max(0)[None, :, None] * u).sum(1).abs()
                 z = torch.where((wf > 0)[None, :, None], z_pos[:, None, :], z_neg[:, None, :])
                 g = wf.abs()[None, :, None] * u / z
-                g = torch.where(z > EPS32, g, torch.zeros(()))
+                g = torch.where(z > EPS32, g, torch.zeros((), device=g.device))
                 per_row = g.amax(dim=(0, 2))
                 result[name] = torch.maximum(result[name], per_row.view(-1, kk).amax(1))
         return hook

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -178,8 +177,9 @@ def _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio):
         raise UsageError(f"max_prune_ratio must be in [0, 1], got {max_prune_ratio!r}")
 
 
-def _match_overrides(groups: list[ChannelGroup], overrides: dict | None, module_names) -> list[dict]:
+def _match_overrides(model: nn.Module, groups: list[ChannelGroup], overrides: dict | None) -> list[dict]:
     """Per group, the override settings whose key names one of its layers (or matches 're:')."""
+    names = {m: n for n, m in model.named_modules()}
     per_group = [{} for _ in groups]
     for key, settings in (overrides or {}).items():
         if not isinstance(settings, dict):
@@ -187,20 +187,9 @@ def _match_overrides(groups: list[ChannelGroup], overrides: dict | None, module_
         for name in settings:
             if name not in OVERRIDE_KEYS:
                 raise UsageError(f'overrides["{key}"]: unknown setting "{name}".{did_you_mean(name, OVERRIDE_KEYS)}')
-        if key.startswith("re:"):
-            try:
-                pattern = re.compile(key[3:])
-            except re.error as exc:
-                raise UsageError(f'overrides: invalid regular expression "{key}": {exc}') from exc
-            matches = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
-            if not any(matches(n) for n in module_names):
-                raise UsageError(f'overrides: "{key}" matches no module name of the model')
-        else:
-            if key not in module_names:
-                raise UsageError(f'overrides: the model has no module "{key}".{did_you_mean(key, module_names)}')
-            matches = lambda name, key=key: name == key  # noqa: E731
+        matched = {names[m] for m in resolve_names(model, [key], "overrides")}
         for gi, group in enumerate(groups):
-            if any(matches(n) for n in group.members):
+            if matched.intersection(group.members):
                 per_group[gi].update(settings)
     return per_group
 
@@ -279,7 +268,7 @@ def prune(
             "no prunable channel group: every group feeds the model output, is ignored, or has no "
             "dense Conv2d/Linear consumer to score it"
         )
-    settings = _match_overrides(groups, overrides, [n for n, _ in model.named_modules()])
+    settings = _match_overrides(model, groups, overrides)
     positions = _positions(model, example_inputs)
     batch = example_inputs.shape[0] if isinstance(example_inputs, torch.Tensor) else 1
     info = _consumer_info(groups, sensitivities, model, positions, batch, delta, c)

@@ -91,15 +91,27 @@ def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
 
 
 def resolve_names(model: nn.Module, names, what: str) -> list[nn.Module]:
-    """Module names -> modules, with a did-you-mean error for a name the model lacks."""
+    """Module names (or 're:<regex>' patterns) -> modules; a miss is an error with a suggestion."""
+    import re
+
     from ..errors import did_you_mean
 
     modules = dict(model.named_modules())
     found = []
     for name in names or []:
-        if name not in modules:
+        if name.startswith("re:"):
+            try:
+                pattern = re.compile(name[3:])
+            except re.error as exc:
+                raise UsageError(f'{what}: invalid regular expression "{name}": {exc}') from exc
+            matched = [m for n, m in modules.items() if n and pattern.fullmatch(n)]
+            if not matched:
+                raise UsageError(f'{what}: "{name}" matches no module name of the model')
+            found.extend(matched)
+        elif name in modules:
+            found.append(modules[name])
+        else:
             raise UsageError(f'{what}: the model has no module "{name}".{did_you_mean(name, modules)}')
-        found.append(modules[name])
     return found
 
 
