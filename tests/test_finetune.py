@@ -28,13 +28,7 @@ from pfp_deploy.finetune import (
 from pfp_deploy.finetune import _set_rng_state  # private: checked directly for the RNG round trip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core box they thrash.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers.tiny_recipes import one_thread  # noqa: E402,F401 (autouse fixture: one intra-op thread)
 
 
 def loaders(n_train=128, n_val=64, batch=16, generator=True):

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..errors import TargetUnattainableError
 
@@ -197,7 +196,3 @@ def consumer_terms(scores_by_consumer, consumer_info, k: float = K_CONST) -> lis
         p = mapped.double().numpy() / total if total > 0 else np.zeros(mapped.numel())
         terms.append(ConsumerTerm(name, alpha_l, total, p, k))
     return terms
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().cpu().numpy()
