@@ -209,7 +209,7 @@ def dense_model(name: str, s: Settings, data: Data, log: Callable[[str], None]) 
         log(f"dense {name}: loaded {path}")
         return model.eval(), {"checkpoint": str(path), "train_seconds": None, "recipe": recipe}
     started = time.perf_counter()
-    cfg = FinetuneConfig(epochs=s.dense_epochs, lr=s.dense_lr, momentum=0.9, weight_decay=5e-4,
+    cfg = FinetuneConfig(epochs=s.dense_epochs, optimizer={"lr": s.dense_lr, "momentum": 0.9, "weight_decay": 5e-4},
                          scheduler="cosine", warmup_epochs=min(1.0, s.dense_epochs / 4), seed=0, amp=False)
     finetune(model, data.loader(s.train_subset, 0, 128, shuffle=True), None, cfg, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,8 +415,8 @@ class LatencyMeter:
 
 
 def finetune_cfg(s: Settings, seed: int, epochs: int) -> FinetuneConfig:
-    return FinetuneConfig(epochs=epochs, lr=s.ft_lr, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
-                          seed=seed, amp=False)
+    return FinetuneConfig(epochs=epochs, optimizer={"lr": s.ft_lr, "momentum": 0.9, "weight_decay": 5e-4},
+                          scheduler="cosine", seed=seed, amp=False)
 
 
 def calibration_batches(s: Settings, data: Data, dense: nn.Module, seed: int) -> list:

@@ -24,7 +24,7 @@ _LAZY = {
     "sensitivity": "pfp.sensitivity", "calibration_size": "data", "paper_calibration_size": "data",
     "optimize": "pipeline", "Result": "pipeline",
     "Recipe": "recipe", "load_recipe": "recipe",
-    "FinetuneConfig": "finetune", "evaluate": "finetune",
+    "FinetuneConfig": "recipe", "evaluate": "finetune",
     "recalibrate_batchnorm": "finetune",
     "export_onnx": "export", "export_openvino": "export", "check_parity": "export",
     "make_runner": "bench", "measure_latency": "bench", "compare_latency": "bench",

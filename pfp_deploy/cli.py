@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import traceback
@@ -96,30 +97,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "prune only (no fine-tuning, export or benchmarks): from a recipe, or "
                 "one-shot from --model/--data/--keep", "pfp-deploy prune --model resnet20 --data synthetic --keep 0.5")
-    p.add_argument("--recipe", help="recipe to run up to pruning (its schedule without fine-tuning)")
+    p.add_argument("--recipe", help="recipe to run up to pruning (its schedule without fine-tuning); "
+                   "--keep, --name and --data-root then override its prune.keep, name and data.root, and "
+                   "--model/--weights/--data are refused (use --set model.name=... etc.)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a recipe key (repeatable)")
-    p.add_argument("--model", help="builtin (resnet20, vgg_small) or torchvision name, e.g. resnet18")
-    p.add_argument("--weights", help="torchvision weights tag or a state_dict file for --model")
-    p.add_argument("--data", choices=("synthetic", "fashion_mnist", "imagefolder"), help="calibration data")
-    p.add_argument("--data-root", help="dataset directory (imagefolder; fashion_mnist has a default)")
-    p.add_argument("--keep", type=float, help="fraction of the MACs to keep, e.g. 0.5")
-    p.add_argument("--name", help="run name (default: <model>_keep<keep>)")
+                   help="override a recipe key (repeatable; wins over --keep/--name/--data-root)")
+    p.add_argument("--model", help="builtin (resnet20, vgg_small) or torchvision name, e.g. resnet18 "
+                   "(one-shot only)")
+    p.add_argument("--weights", help="torchvision weights tag or a state_dict file for --model (one-shot only)")
+    p.add_argument("--data", choices=("synthetic", "fashion_mnist", "imagefolder"),
+                   help="calibration data (one-shot only)")
+    p.add_argument("--data-root", help="dataset directory (imagefolder; fashion_mnist has a default); "
+                   "with --recipe: data.root")
+    p.add_argument("--keep", type=float, help="fraction of the MACs to keep, e.g. 0.5; with --recipe: prune.keep")
+    p.add_argument("--name", help="run name (default: <model>_keep<keep>); with --recipe: the recipe's name")
     _run_args(p)
 
     p = command("export", cmd_export, "re-export a run's dense and pruned models to ONNX / OpenVINO",
                 "pfp-deploy export --run-dir runs/fashion_mnist_quickstart")
     p.add_argument("--run-dir", required=True, help="a run directory written by `pfp-deploy optimize`")
+    _factory_arg(p)
 
     p = command("benchmark", cmd_benchmark, "measure a run directory's targets on this host and update its "
                 "report (exit 1 when a gate fails)", "pfp-deploy benchmark --run-dir runs/resnet50_edge "
                 "--target openvino-cpu")
     p.add_argument("--run-dir", required=True, help="a run directory (may come from another machine)")
     p.add_argument("--target", action="append", metavar="NAME", help="only this recipe target (repeatable)")
+    _factory_arg(p)
     p.add_argument("--json", action="store_true", help="print the updated report.json to stdout")
 
-    p = command("check", cmd_check, "re-check the gates of a report.json (no runtimes needed; exit 1 on "
-                "failure)", "pfp-deploy check --report runs/resnet50_edge/report.json")
+    p = command("check", cmd_check, "re-check the gates of a report.json (no runtimes needed; exit 1 when a "
+                "gate fails or the run did not pass, e.g. was interrupted; 2 for a malformed report)",
+                "pfp-deploy check --report runs/resnet50_edge/report.json")
     p.add_argument("--report", required=True, help="report.json of a run")
 
     p = command("env", cmd_env, "show versions, CPU, GPU, ONNX Runtime providers and OpenVINO devices",
@@ -135,6 +144,12 @@ def _recipe_args(p: argparse.ArgumentParser, positional: bool) -> None:
         p.add_argument("--recipe", required=True, help="recipe YAML file (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a recipe key, e.g. --set finetune.epochs=2 (repeatable; values are YAML)")
+
+
+def _factory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--factory", metavar="MODULE:CALLABLE",
+                   help="for a run made from a factory model: the code that builds its architecture. A run "
+                   "directory never makes pfp-deploy import code by itself; this imports and runs it.")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -166,7 +181,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     flags = {"--model": args.model, "--data": args.data, "--keep": args.keep}
     if args.recipe:
-        recipe, overrides = args.recipe, args.overrides
+        recipe, overrides = args.recipe, recipe_flag_overrides(args) + list(args.overrides)
     elif all(v is not None for v in flags.values()):
         recipe, overrides = one_shot_recipe(args), args.overrides
     else:
@@ -177,6 +192,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty(),
                       stop_after="prune")
     return _finish(result, False)
+
+
+def recipe_flag_overrides(args: argparse.Namespace) -> list[str]:
+    """`prune --recipe R` flags as recipe overrides: --keep -> prune.keep, --name -> name, --data-root ->
+    data.root (applied before --set, so an explicit --set wins). --model/--weights/--data choose what a
+    one-shot prune builds and do not map onto a recipe's model/data sections: rejected with --recipe."""
+    from pfp_deploy.errors import UsageError
+
+    rejected = [flag for flag, value in (("--model", args.model), ("--weights", args.weights),
+                                         ("--data", args.data)) if value is not None]
+    if rejected:
+        raise UsageError(f"{'/'.join(rejected)} cannot be combined with --recipe: they describe a one-shot "
+                         "prune without a recipe. Change the recipe's model/data sections, or override them, "
+                         "e.g. --set model.name=resnet18 --set data.format=synthetic")
+    mapped = (("prune.keep", args.keep), ("name", args.name), ("data.root", args.data_root))
+    return [f"{key}={json.dumps(value)}" for key, value in mapped if value is not None]
 
 
 def one_shot_recipe(args: argparse.Namespace) -> dict:
@@ -195,7 +226,7 @@ def one_shot_recipe(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> int:
     from pfp_deploy.pipeline import export_run
 
-    result = export_run(args.run_dir)
+    result = export_run(args.run_dir, factory=args.factory)
     for name, path in (result.report.get("export") or {}).get("files", {}).items():
         print(f"{name:16} {Path(args.run_dir) / path}")
     return EXIT_OK
@@ -204,11 +235,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from pfp_deploy.pipeline import benchmark_run
 
-    return _finish(benchmark_run(args.run_dir, args.target), args.json)
+    return _finish(benchmark_run(args.run_dir, args.target, factory=args.factory), args.json)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pfp_deploy.checks import evaluate_report
+    """Exit 0 only when the run passed (status "passed", exit_code 0) and every gate holds on the stored
+    numbers; 1 otherwise (e.g. an interrupted or failed run); 2 for a missing or malformed report."""
+    from pfp_deploy.checks import check_report
     from pfp_deploy.errors import UsageError
 
     path = Path(args.report)
@@ -218,16 +251,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UsageError(f"report {path} does not exist; pass the report.json of a run") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {path} as JSON ({exc})") from None
-    passed, results = evaluate_report(report)
-    for r in results:
+    verdict = check_report(report, origin=str(path))
+    for r in verdict.results:
         print(f"{r.status:8} {r.name:20} {r.reason}")
-    failed_checks = [c for c in report.get("checks") or []
-                     if c.get("name") != "targets" and c.get("status") == "failed"]
-    for c in failed_checks:
-        print(f"{'failed':8} {c.get('name', '?'):20} {c.get('detail', '')}")
-    passed = passed and not failed_checks
-    print(f"{'PASSED' if passed else 'FAILED'}: {path}")
-    return EXIT_OK if passed else EXIT_CHECK_FAILED
+    for c in verdict.failed_checks:
+        print(f"{'failed':8} {c['name']:20} {c.get('detail') or ''}")
+    for problem in verdict.run_problems:
+        print(f"{'failed':8} {'run':20} {problem}")
+    print(f"{'PASSED' if verdict.passed else 'FAILED'}: {path}")
+    return EXIT_OK if verdict.passed else EXIT_CHECK_FAILED
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -269,22 +301,29 @@ def _log_to_stderr(quiet: bool) -> None:
 
 
 def _crash_log(args: argparse.Namespace, exc: BaseException) -> Path:
-    """Write the traceback into the run directory when there is one, else into a temp file."""
+    """Write the traceback into the run directory when there is one, else into a fresh temp file.
+
+    Atomic and never through a symlink (fileio): a planted error.log link is replaced, not followed,
+    and a full disk leaves no empty file."""
+    from pfp_deploy.fileio import write_text_atomic
+
     text = "".join(traceback.format_exception(exc))
     run_dir = Path(getattr(args, "run_dir", None) or "")
     if not getattr(args, "run_dir", None):
         recipe_name = _recipe_name(args)
         run_dir = Path(getattr(args, "output_dir", "runs")) / recipe_name if recipe_name else Path()
     try:
-        if run_dir != Path() and run_dir.is_dir():
-            path = run_dir / "error.log"
-            path.write_text(text)
-            return path
+        if run_dir != Path() and run_dir.is_dir() and not run_dir.is_symlink():
+            return write_text_atomic(run_dir / "error.log", text)
     except OSError:
         pass
-    with tempfile.NamedTemporaryFile("w", prefix="pfp-deploy-error-", suffix=".log", delete=False) as f:
-        f.write(text)
-    return Path(f.name)
+    try:  # mkstemp: a new file (O_EXCL), so nothing planted in the temp dir is followed
+        fd, name = tempfile.mkstemp(prefix="pfp-deploy-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        return Path("(not written: no writable directory)")
 
 
 def _recipe_name(args: argparse.Namespace) -> str | None:

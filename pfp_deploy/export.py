@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ import torch
 
 from pfp_deploy.bench import Runner, flatten_outputs, make_runner
 from pfp_deploy.errors import ExportError, ShapeMismatchError, UsageError
+from pfp_deploy.fileio import atomic_path, replace_into
 
 DYNAMO_MIN_OPSET = 18
 
@@ -32,20 +32,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for module, training in modes.items():
             module.train(training)
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path, suffix: str) -> Iterator[Path]:
-    """Yield a temp path next to `path`; move it over `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -63,7 +49,7 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
     input_names, output_names = list(input_names), list(output_names)
     example_input = example_input.detach()
     dynamo_error = None
-    with _eval_mode(model), _atomic_path(path, ".onnx.tmp") as tmp:
+    with _eval_mode(model), atomic_path(path) as tmp:
         if opset >= DYNAMO_MIN_OPSET:
             try:
                 dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
@@ -132,8 +118,8 @@ def export_openvino(onnx_path_or_model: str | os.PathLike | torch.nn.Module, exa
         except Exception as exc:
             raise ExportError(f"OpenVINO cannot convert {source}: {_first_line(exc)}") from exc
         # .bin first, then .xml: a reader that sees the new .xml also sees its weights.
-        os.replace(Path(tmp) / "model.bin", out_dir / "model.bin")
-        os.replace(Path(tmp) / "model.xml", xml_path)
+        replace_into(Path(tmp) / "model.bin", out_dir / "model.bin")
+        replace_into(Path(tmp) / "model.xml", xml_path)
     return xml_path
 
 

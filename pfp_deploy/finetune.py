@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from .distributed import (DistContext, ShardSampler, all_reduce_max, all_reduce_sum, average_buffers,
                           wrap_loader_for_distributed)
-from .errors import DataError, ModelLoadError, TrainingError, UsageError, did_you_mean
+from .fileio import torch_save_atomic
+from .errors import DataError, ModelLoadError, TrainingError, UsageError
+from .recipe import FinetuneConfig, TrainConfig, validate_section
 
 __all__ = [
     "FinetuneConfig",
@@ -45,111 +47,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("cosine", "none")
-
-
-# --------------------------------------------------------------------------------------------- config
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning hyper-parameters; ``from_dict`` builds one from a recipe section."""
-
-    epochs: int = 10
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 1e-4  # not applied to biases and norm layers
-    nesterov: bool = False  # SGD only, needs momentum > 0
-    scheduler: str = "cosine"  # cosine | none (constant after warm-up)
-    warmup_epochs: float = 0.0  # linear warm-up, stepped per batch
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None  # max global L2 norm of the gradients
-    distill_temperature: float = 4.0
-    distill_alpha: float = 0.0  # weight of the distillation term; 0 disables distillation
-    amp: str | bool = "auto"  # "auto": on for CUDA only
-    early_stop_patience: int | None = None  # epochs without val top-1 improvement
-    max_steps_per_epoch: int | None = None  # cap for smoke runs
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self._coerce()
-        self._validate()
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "FinetuneConfig":
-        """Build from a mapping; unknown keys are a UsageError naming the closest valid key."""
-        valid = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in valid:
-                raise UsageError(f'Unknown fine-tuning option "{key}".{did_you_mean(key, valid)} '
-                                 f"Valid options: {', '.join(valid)}.")
-        return cls(**dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (safe to store in a weights_only checkpoint)."""
-        return asdict(self)
-
-    def _coerce(self) -> None:
-        # Recipes may hand over "1e-3" or 3.0; convert once here so the loop can trust the types.
-        def convert(name: str, kind: type, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) and kind is not bool:
-                raise UsageError(f"finetune.{name} must be a number, got {value!r}.")
-            try:
-                converted = kind(value)
-            except (TypeError, ValueError):
-                what = "whole number" if kind is int else "number"
-                raise UsageError(f"finetune.{name} must be a {what}, got {value!r}.") from None
-            if kind is int and converted != float(value):
-                raise UsageError(f"finetune.{name} must be a whole number, got {value!r}.")
-            setattr(self, name, converted)
-
-        for name in ("epochs", "seed"):
-            convert(name, int)
-        for name in ("early_stop_patience", "max_steps_per_epoch"):
-            convert(name, int, optional=True)
-        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
-                     "distill_temperature", "distill_alpha"):
-            convert(name, float)
-        convert("grad_clip", float, optional=True)
-        self.optimizer = str(self.optimizer).lower()
-        self.scheduler = str(self.scheduler).lower()
-        if isinstance(self.amp, str) and self.amp.lower() == "auto":
-            self.amp = "auto"
-
-    def _validate(self) -> None:
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise UsageError(message)
-
-        require(self.epochs >= 0, f"finetune.epochs must be >= 0, got {self.epochs}.")
-        require(self.optimizer in OPTIMIZERS, f'finetune.optimizer "{self.optimizer}" is not one of '
-                f"{', '.join(OPTIMIZERS)}.{did_you_mean(self.optimizer, OPTIMIZERS)}")
-        require(self.scheduler in SCHEDULERS, f'finetune.scheduler "{self.scheduler}" is not one of '
-                f"{', '.join(SCHEDULERS)}.{did_you_mean(self.scheduler, SCHEDULERS)}")
-        require(self.lr >= 0, f"finetune.lr must be >= 0, got {self.lr}.")
-        require(0 <= self.momentum < 1, f"finetune.momentum must be in [0, 1), got {self.momentum}.")
-        require(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay}.")
-        require(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
-                "finetune.nesterov needs optimizer sgd with momentum > 0; set nesterov: false or give a momentum.")
-        require(0 <= self.warmup_epochs <= max(self.epochs, 0),
-                f"finetune.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}.")
-        require(0 <= self.label_smoothing < 1,
-                f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
-        require(self.grad_clip is None or self.grad_clip > 0,
-                f"finetune.grad_clip must be > 0 or null (off), got {self.grad_clip}.")
-        require(self.distill_temperature > 0,
-                f"finetune.distill_temperature must be > 0, got {self.distill_temperature}.")
-        require(0 <= self.distill_alpha <= 1,
-                f"finetune.distill_alpha must be in [0, 1] (0 disables distillation), got {self.distill_alpha}.")
-        require(self.amp in ("auto", True, False), f'finetune.amp must be "auto", true or false, got {self.amp!r}.')
-        require(self.early_stop_patience is None or self.early_stop_patience >= 1,
-                f"finetune.early_stop_patience must be >= 1 or null (off), got {self.early_stop_patience}.")
-        require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
-                f"finetune.max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}.")
-        require(self.seed >= 0, f"finetune.seed must be >= 0, got {self.seed}.")
 
 
 @dataclass
@@ -167,18 +64,19 @@ class FinetuneResult:
 
 
 # ------------------------------------------------------------------------------ optimizer / schedule
-def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD or AdamW over the trainable parameters; biases and norm weights get no weight decay."""
+    opt = cfg.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("The model has no trainable parameters to fine-tune.")
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": opt.weight_decay},
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
+    return torch.optim.AdamW(groups, lr=opt.lr)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
@@ -195,7 +93,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig,
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR following ``lr_factor``; call ``.step()`` after every optimizer step."""
     total = cfg.epochs * steps_per_epoch
@@ -216,12 +114,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def _training_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
-                   cfg: FinetuneConfig) -> torch.Tensor:
+                   cfg: TrainConfig) -> torch.Tensor:
     ce = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
     if teacher_logits is None:
         return ce
-    alpha = cfg.distill_alpha
-    return (1 - alpha) * ce + alpha * distillation_loss(logits, teacher_logits, cfg.distill_temperature)
+    alpha = cfg.distill.alpha
+    return (1 - alpha) * ce + alpha * distillation_loss(logits, teacher_logits, cfg.distill.temperature)
+
+
+def distills(cfg: TrainConfig) -> bool:
+    """Whether `cfg` trains against a teacher: fine-tuning with distill.enabled (pre-training never)."""
+    distill = getattr(cfg, "distill", None)
+    return bool(distill is not None and distill.enabled and distill.alpha > 0)
 
 
 # ---------------------------------------------------------------------------------- small helpers
@@ -254,7 +158,7 @@ def _resolve_amp(amp: str | bool, device: torch.device) -> bool:
     return bool(amp)
 
 
-def _steps_per_epoch(loader: Iterable, cfg: FinetuneConfig) -> int:
+def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int:
     try:
         n = len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -311,29 +215,17 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: an interrupt never leaves a torn file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(f"Cannot read the fine-tuning checkpoint {path}: {exc}. "
-                             "Delete it to start over, or pass resume=False.") from exc
+                             "Delete it, or start over (--overwrite on the command line, resume=False "
+                             "when calling finetune()).") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelLoadError(f"{path} is not a pfp-deploy fine-tuning checkpoint (format "
-                             f"{CHECKPOINT_FORMAT}). Delete it to start over, or pass resume=False.")
+                             f"{CHECKPOINT_FORMAT}). Delete it, or start over (--overwrite on the command line, "
+                             "resume=False when calling finetune()).")
     return state
 
 
@@ -437,7 +329,7 @@ def finetune(
     model: nn.Module,
     train_loader: Iterable,
     val_loader: Iterable | None,
-    cfg: FinetuneConfig,
+    cfg: TrainConfig | Mapping[str, Any],
     *,
     teacher: nn.Module | None = None,
     device: str | torch.device = "cpu",
@@ -457,14 +349,19 @@ def finetune(
     (``device`` is then ignored), the loaders are re-created with distributed samplers, metrics are
     global and only rank 0 writes files or shows progress.
     """
+    if isinstance(cfg, Mapping):  # the recipe's `finetune` section as a dict
+        cfg = validate_section(FinetuneConfig, cfg, "finetune")
+    if not isinstance(cfg, TrainConfig):
+        raise UsageError(f"finetune() takes a pfp_deploy.FinetuneConfig (the recipe's finetune section) or a "
+                         f"dict of it, got {type(cfg).__name__}")
     if dist is None:
         dist = DistContext(device=torch.device(device))
     device = dist.device
     use_amp = _resolve_amp(cfg.amp, device)
-    if cfg.distill_alpha > 0 and teacher is None:
-        raise UsageError(f"finetune.distill_alpha is {cfg.distill_alpha} but no teacher model was given; "
-                         "pass teacher=... or set distill_alpha: 0.")
-    teacher = teacher if cfg.distill_alpha > 0 else None  # skip the teacher's forward when unused
+    if distills(cfg) and teacher is None:
+        raise UsageError(f"finetune.distill is enabled (alpha {cfg.distill.alpha}) but no teacher model was "
+                         "given; pass teacher=... or set distill.enabled: false.")
+    teacher = teacher if distills(cfg) else None  # skip the teacher's forward when unused
 
     model.to(device)
     if dist.active:
@@ -502,11 +399,12 @@ def finetune(
     stopped_early = False
     try:
         for epoch in range((resumed_from or 0) + 1, cfg.epochs + 1):
-            patience = cfg.early_stop_patience
-            if patience is not None and best_epoch is not None and epoch - 1 - best_epoch >= patience:
+            patience = cfg.early_stop_patience  # counted in evaluations (every eval_every epochs)
+            if patience is not None and best_epoch is not None and \
+                    epoch - 1 - best_epoch >= patience * cfg.eval_every:
                 stopped_early = True
                 if dist.is_main:
-                    logger.info("Early stop: val top-1 has not improved for %d epochs.", patience)
+                    logger.info("Early stop: val top-1 has not improved for %d evaluations.", patience)
                 break
             started = time.perf_counter()
             _seed_epoch(train_loader, cfg.seed, epoch, dist.rank)
@@ -515,7 +413,8 @@ def finetune(
                 dist, epoch, steps, progress and dist.is_main, last_path)
             if dist.active:
                 average_buffers(model)  # BN stats drift apart per rank; evaluate and save one model
-            val = evaluate(model, val_loader, device, dist=dist) if val_loader is not None else None
+            due = epoch % cfg.eval_every == 0 or epoch == cfg.epochs  # the last epoch is always evaluated
+            val = evaluate(model, val_loader, device, dist=dist) if val_loader is not None and due else None
             record = {
                 "epoch": epoch, "train_loss": train_loss,
                 "val_top1": val["top1"] if val else None, "val_top5": val["top5"] if val else None,
@@ -529,13 +428,13 @@ def finetune(
             if ckpt_dir is not None and dist.is_main:
                 # best.pt first: an interrupt between the two writes then only repeats this epoch.
                 if improved:
-                    _save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
+                    torch_save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
                                   "metrics": record}, ckpt_dir / "best.pt")
-                _save_atomic({
+                torch_save_atomic({
                     "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "history": history, "rng": _rng_state(),
-                    "config": cfg.to_dict(),
+                    "config": cfg.model_dump(mode="json"),
                 }, last_path)
             if dist.is_main:
                 logger.info("epoch %d/%d: train_loss %.4f, val top-1 %s, lr %.3g, %.1fs", epoch, cfg.epochs,
@@ -572,7 +471,8 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path} does not match this model or optimizer ({exc}). It was probably "
-                             "written by another run: delete it, or pass resume=False.") from exc
+                             "written by another run: delete it, or start over (--overwrite on the command "
+                             "line, resume=False when calling finetune()).") from exc
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -582,7 +482,7 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def _train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                     teacher: nn.Module | None, cfg: FinetuneConfig, device: torch.device, use_amp: bool,
+                     teacher: nn.Module | None, cfg: TrainConfig, device: torch.device, use_amp: bool,
                      dist: DistContext, epoch: int, steps: int, show_progress: bool,
                      last_path: Path | None) -> tuple[float, float]:
     """One pass over ``steps`` batches; returns (mean train loss, lr of the last step)."""
@@ -623,7 +523,7 @@ def _train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.
 
 
 def _divergence_message(loss: float, epoch: int, step: int, steps: int, last_path: Path | None,
-                        cfg: FinetuneConfig) -> str:
+                        cfg: TrainConfig) -> str:
     if last_path is None:
         kept = "No checkpoint_dir was given, so no checkpoint was saved."
     elif last_path.exists():
@@ -631,5 +531,5 @@ def _divergence_message(loss: float, epoch: int, step: int, steps: int, last_pat
     else:
         kept = f"No epoch had finished yet, so {last_path} was not written."
     return (f"Fine-tuning diverged: the training loss is {loss} at epoch {epoch}, step {step}/{steps}. {kept} "
-            f"The in-memory model may hold non-finite weights. Try a lower lr (now {cfg.lr}), set grad_clip, "
+            f"The in-memory model may hold non-finite weights. Try a lower lr (now {cfg.optimizer.lr}), set grad_clip, "
             "or turn amp off.")

@@ -147,18 +147,25 @@ def build_model(model_cfg: Any, num_classes: int | None = None, in_channels: int
     kwargs = dict(getattr(model_cfg, "kwargs", None) or {})
 
     if source == "pruned":
-        try:
-            from pfp_deploy.pruning import load_pruned  # another stage owns the pruned format
-        except ImportError as exc:
-            raise ModelLoadError(f"model.source pruned needs pfp_deploy.pruning.load_pruned ({exc})") from None
-        return load_pruned(model_cfg.path)
+        from pfp_deploy.pruning import load_pruned  # the pruned format's owner (lazy: import cycle)
+
+        path = Path(model_cfg.path)
+        if path.is_dir():  # a run directory of an earlier `pfp-deploy optimize`
+            path = path / "model.pt"
+        # The file's own architecture record is data only; a factory base must come from the recipe.
+        base = _from_factory(model_cfg.factory, kwargs, num_classes, in_channels) if model_cfg.factory else None
+        return load_pruned(path, base_model=base)
     if source == "factory":
         model = _from_factory(model_cfg.factory, kwargs, num_classes, in_channels)
         arch = model_cfg.factory
     elif name in BUILTIN_MODELS:
         if name == "vgg_small" and model_cfg.input_shape:
             kwargs.setdefault("image_size", tuple(model_cfg.input_shape[2:]))
-        model = BUILTIN_MODELS[name](num_classes=num_classes or 10, in_channels=in_channels, **kwargs)
+        try:
+            model = BUILTIN_MODELS[name](num_classes=num_classes or 10, in_channels=in_channels, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"builtin {name}(num_classes={num_classes}, in_channels={in_channels}, "
+                                 f"**{kwargs}) failed: {exc}. Check model.kwargs.") from None
         arch = name
     elif source == "builtin":
         raise ModelLoadError(f"Unknown builtin model {name!r}.{did_you_mean(name, BUILTIN_MODELS)} "
@@ -179,6 +186,53 @@ def build_model(model_cfg: Any, num_classes: int | None = None, in_channels: int
         load_state_into(model, load_checkpoint_state(checkpoint), arch=f"{arch} (num_classes="
                         f"{num_classes}, in_channels={in_channels})", path=checkpoint)
     return model
+
+
+FILE_SOURCES = ("builtin", "torchvision")  # the only model sources a saved file may name
+
+
+def architecture_from_file(base: Any, origin: str | os.PathLike) -> Any:
+    """The architecture a saved model file records (its `base`), accepted as data only.
+
+    A model file or run directory may come from anyone, so it may name a builtin or torchvision
+    architecture with plain keyword arguments, never code to import or call (a factory) and never
+    another file to read (weights, checkpoint, pruned): those come from the caller.
+    """
+    from pfp_deploy.recipe import ModelConfig  # lazy: recipe validation imports this module
+
+    if not isinstance(base, dict) or not base:
+        raise ModelLoadError(f"{origin} stores no base model architecture: pass base_model= (Python) "
+                             "or rebuild the file with save_pruned(..., base=...)")
+    source = base.get("source")
+    if source not in FILE_SOURCES:
+        factory = base.get("factory")
+        if source == "factory" and isinstance(factory, str):
+            raise ModelLoadError(
+                f"{origin} was saved from the factory model {factory!r}. A model file may not name code "
+                "to run, so pfp-deploy will not import it. If you trust that code, pass it yourself: "
+                f"base_model=<the model> to load_pruned(), --factory {factory} on the command line, or "
+                "model.factory beside model.source: pruned in a recipe.")
+        raise ModelLoadError(f"{origin}: the stored base model source {source!r} is not allowed in a file "
+                             f"(allowed: {', '.join(FILE_SOURCES)}); pass base_model= instead")
+    kwargs = base.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not _plain_data(kwargs):
+        raise ModelLoadError(f"{origin}: the stored model kwargs must be plain numbers, strings and lists")
+    fields = {k: base.get(k) for k in ("name", "num_classes", "in_channels", "input_shape")}
+    try:
+        return ModelConfig.model_validate({"source": source, "kwargs": kwargs, **fields})
+    except Exception as exc:  # noqa: BLE001 - pydantic's message, shortened, names the bad field
+        raise ModelLoadError(f"{origin}: the stored base model is invalid: {str(exc).splitlines()[-1]}") from None
+
+
+def _plain_data(value: Any) -> bool:
+    """JSON-like data only: what a weights-only file can hold and a constructor takes as settings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False
 
 
 def _looks_like_path(weights: str) -> bool:
@@ -308,8 +362,11 @@ def _from_factory(spec: str, kwargs: dict, num_classes: int | None, in_channels:
     except (TypeError, ValueError):
         params, accepts_any = {}, False
     args = dict(kwargs)
-    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if value is not None and key not in args and (key in params or accepts_any):
+    # Through **kwargs only what is needed: torchvision builders forward num_classes but not
+    # in_channels, so in_channels goes there only when it differs from the usual 3.
+    for key, value, through_kwargs in (("num_classes", num_classes, True),
+                                       ("in_channels", in_channels, in_channels not in (None, 3))):
+        if value is not None and key not in args and (key in params or (accepts_any and through_kwargs)):
             args[key] = value
     try:
         model = factory(**args)

@@ -18,15 +18,16 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import traceback
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-import yaml
 from torch import nn
 
 from pfp_deploy.bench import hardware_fingerprint
@@ -36,11 +37,12 @@ from pfp_deploy.distributed import (DistContext, all_reduce_max, barrier, cleanu
                                     wrap_loader_for_distributed)
 from pfp_deploy.errors import (EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, PFPDeployError,
                                RuntimeUnavailableError, UsageError, did_you_mean)
-from pfp_deploy.finetune import FinetuneConfig, evaluate, finetune, recalibrate_batchnorm
+from pfp_deploy.fileio import FileLock, LockedError, remove_stale_temps, write_text_atomic
+from pfp_deploy.finetune import evaluate, finetune, recalibrate_batchnorm
 from pfp_deploy.models import BUILTIN_MODELS, build_model
 from pfp_deploy.pfp import sensitivity as pfp_sensitivity
 from pfp_deploy.pruning import Plan, count_cost, load_pruned, prune, save_pruned
-from pfp_deploy.recipe import Recipe, load_recipe
+from pfp_deploy.recipe import Recipe, load_recipe, read_yaml
 from pfp_deploy.report import to_jsonable, write_json_atomic, write_report
 
 log = logging.getLogger("pfp_deploy")
@@ -110,48 +112,80 @@ def optimize(recipe: Recipe | str | os.PathLike | dict, overrides: Iterable[str]
     status "interrupted" and re-raises KeyboardInterrupt. stop_after="prune" ends after saving the
     pruned model (no fine-tuning, export or benchmarks): `pfp-deploy prune`.
     """
+    recipe_file = Path(recipe) if isinstance(recipe, (str, os.PathLike)) else None
     recipe = load_recipe(recipe, overrides)
     if stop_after not in (None, "prune"):
         raise UsageError(f'stop_after must be None or "prune", got {stop_after!r}')
     joined = not torch.distributed.is_initialized()
     dist = init_distributed()
+    run = None
     try:
-        run = Run.prepare(Path(output_dir) / recipe.name, recipe, dist, resume=resume, overwrite=overwrite)
-        with run.stage("data"):
-            data = build_data(recipe.data, recipe.model.input_shape)
-        with run.stage("model"):
-            dense = build_dense_model(recipe, data, dist.device)
-        run.start(data)  # the run directory exists from here: every failure below leaves a report
-        try:
-            with run.stage("model"):
-                pretrain(run, recipe, dense, data, progress)
-            with run.stage("dense_eval"):
-                run.report["accuracy"]["dense"] = run.once("dense_eval", lambda: accuracy(dense, data, dist))
-            with run.stage("calibration"):
-                calibration = calibration_loader(run, recipe, dense, data)
-            pruned, plan = prune_cascade(run, recipe, dense, data, calibration, progress, stop_after)
-            with run.stage("save"):
-                save_artifacts(run, recipe, dense, pruned, plan)
-            if stop_after is None and dist.is_main:
-                with run.stage("export"):
-                    run.report["export"] = run.once("export", lambda: export_models(
-                        run, recipe, dense, pruned, data))
-                with run.stage("benchmark"):
-                    run.report["targets"] = run.once("benchmark", lambda: benchmark_targets(
-                        run, recipe, dense, pruned, run.report["export"]))
-            run.conclude()
-        except KeyboardInterrupt:
-            run.interrupted()
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a report; usage errors re-raise
-            run.failed(exc)
-            if isinstance(exc, UsageError):
-                raise
-        barrier()
-        return run.result()
+        with terminate_as_interrupt():
+            run = Run.prepare(Path(output_dir) / recipe.name, recipe, dist, resume=resume, overwrite=overwrite,
+                              recipe_file=recipe_file)
+            return _run_stages(run, recipe, dist, progress, stop_after)
     finally:
+        if run is not None:
+            run.release()
         if joined:
             cleanup()
+
+
+def _run_stages(run: Run, recipe: Recipe, dist: DistContext, progress: bool, stop_after: str | None) -> Result:
+    """optimize()'s stages, in order, in a prepared (locked) run directory."""
+    with run.stage("data"):
+        data = build_data(recipe.data, recipe.model.input_shape)
+    with run.stage("model"):
+        dense = build_dense_model(recipe, data, dist.device)
+    run.start(data)  # the run directory exists from here: every failure below leaves a report
+    try:
+        with run.stage("model"):
+            pretrain(run, recipe, dense, data, progress)
+        with run.stage("dense_eval"):
+            run.report["accuracy"]["dense"] = run.once("dense_eval", lambda: accuracy(dense, data, dist))
+        with run.stage("calibration"):
+            calibration = calibration_loader(run, recipe, dense, data)
+        pruned, plan = prune_cascade(run, recipe, dense, data, calibration, progress, stop_after)
+        with run.stage("save"):
+            save_artifacts(run, recipe, dense, pruned, plan)
+        if stop_after is None and dist.is_main:
+            with run.stage("export"):
+                run.report["export"] = run.once("export", lambda: export_models(
+                    run, recipe, dense, pruned, data))
+            with run.stage("benchmark"):
+                run.report["targets"] = run.once("benchmark", lambda: benchmark_targets(
+                    run, recipe, dense, pruned, run.report["export"]))
+        run.conclude()
+    except KeyboardInterrupt:
+        run.interrupted()
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a report; usage errors re-raise
+        run.failed(exc)
+        if isinstance(exc, UsageError):
+            raise
+    barrier()
+    return run.result()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (docker stop, a CI timeout, torchrun stopping its workers) ends a run like Ctrl-C: the
+    report says "interrupted", exit 130, and --resume continues. Only the main thread can set it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------- run directory
@@ -167,13 +201,32 @@ class Run:
         self.error: BaseException | None = None
         self.resume, self.overwrite = resume, False
         self.report: dict[str, Any] = new_report(recipe, path)
+        self.lock: FileLock | None = None
 
     @classmethod
-    def prepare(cls, path: Path, recipe: Recipe, dist: DistContext, *, resume: bool, overwrite: bool) -> Run:
-        """Check that the run can start here (nothing is created yet): writable, not in the way."""
+    def prepare(cls, path: Path, recipe: Recipe, dist: DistContext, *, resume: bool, overwrite: bool,
+                recipe_file: Path | None = None) -> Run:
+        """Check that the run can start here and lock it (nothing else is created yet): writable, not
+        in the way, not in use by another run. The lock is held until release()."""
         if resume and overwrite:
             raise UsageError("pass either --resume (continue the run) or --overwrite (start it over), not both")
         _check_writable(path.parent)
+        lock = lock_run_dir(path, dist)
+        try:
+            run = cls._checked(path, recipe, dist, resume, overwrite, recipe_file)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        run.lock = lock
+        return run
+
+    @classmethod
+    def _checked(cls, path: Path, recipe: Recipe, dist: DistContext, resume: bool, overwrite: bool,
+                 recipe_file: Path | None) -> Run:
+        if path.is_symlink():
+            raise UsageError(f"run directory {path} is a symlink; pfp-deploy writes only into a real "
+                             "directory (it never deletes or writes through links). Use --output-dir.")
         exists = path.exists() and any(path.iterdir())
         if exists and not (resume or overwrite):
             raise UsageError(f"run directory {path} already exists. Pass --overwrite to start the run over, "
@@ -184,13 +237,19 @@ class Run:
                              "name (--set name=...) or --output-dir.")
         run = cls(path, recipe, dist, resume=resume and exists)
         if overwrite and exists:
-            _check_inputs_outside(recipe, path)
+            _check_inputs_outside(recipe, path, recipe_file)
         if run.resume:
             _check_same_recipe(path / RECIPE_FILE, recipe)
             run.steps = json.loads((path / STATE_FILE).read_text())["steps"]
         run.overwrite = overwrite and exists
         barrier()  # every rank checked before rank 0 changes anything
         return run
+
+    def release(self) -> None:
+        """Unlock the run directory (the end of optimize(); a dead process's lock goes by itself)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def start(self, data: DataBundle) -> None:
         """Create (or clear) the directory and write the resolved recipe and the first state."""
@@ -201,6 +260,9 @@ class Run:
         if self.writer:
             if self.overwrite:
                 shutil.rmtree(self.path)
+            elif self.resume:  # torn temp files of the interrupted run (no live writer: we hold the lock)
+                for stale in remove_stale_temps(self.path):
+                    log.info("removed %s, a temp file left by the interrupted run", stale)
             self.path.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path / RECIPE_FILE, self.recipe.to_yaml())
             self._save_state()
@@ -275,7 +337,8 @@ class Run:
     def failed(self, exc: Exception) -> None:
         stage = self.current_stage
         if self.writer:
-            write_text_atomic(self.path / "error.log", "".join(traceback.format_exception(exc)))
+            with contextlib.suppress(OSError):  # e.g. the full disk that failed the stage
+                write_text_atomic(self.path / "error.log", "".join(traceback.format_exception(exc)))
         if not isinstance(exc, PFPDeployError):
             error = StageError(f"{type(exc).__name__}: {exc} (traceback in {self.path / 'error.log'})")
             error.__cause__, exc = exc, error
@@ -292,10 +355,18 @@ class Run:
         if not self.writer:
             return
         self.report["env"] = environment()
-        self.write_json("env.json", self.report["env"])
-        self.write_json("report.json", self.report)
+        # report.json first, and each file on its own: on a full disk the small machine-readable
+        # report may still fit where plots do not, and a failed write keeps the previous file.
+        writes = [("report.json", lambda: self.write_json("report.json", self.report)),
+                  ("env.json", lambda: self.write_json("env.json", self.report["env"]))]
         if "md" in self.recipe.report.formats:
-            write_markdown(self.report, self.path, plots=self.recipe.report.plots)
+            writes.append(("report.md", lambda: write_markdown(self.report, self.path,
+                                                               plots=self.recipe.report.plots)))
+        for name, write in writes:
+            try:
+                write()
+            except OSError as exc:
+                log.error("could not write %s: %s", self.path / name, exc.strerror or exc)
 
     def result(self) -> Result:
         """This run's Result; other ranks read what rank 0 wrote, so every rank agrees."""
@@ -330,16 +401,50 @@ def _check_writable(directory: Path) -> None:
                          "Pass --output-dir with a directory you can write to.") from None
 
 
-def _check_inputs_outside(recipe: Recipe, run_dir: Path) -> None:
-    """--overwrite deletes the run directory: refuse when the input model lives inside it."""
-    for value in (recipe.model.path, recipe.model.weights):
-        if value and Path(value).exists() and Path(value).resolve().is_relative_to(run_dir.resolve()):
-            raise UsageError(f"the input model {value} lies inside the run directory {run_dir}, which "
-                             "--overwrite would delete; copy it elsewhere or give this run another name")
+def _check_inputs_outside(recipe: Recipe, run_dir: Path, recipe_file: Path | None) -> None:
+    """--overwrite deletes the run directory: refuse when an input (model, data, recipe) lives inside it."""
+    inputs = (("input model", recipe.model.path), ("input weights", recipe.model.weights),
+              ("data root", recipe.data.root), ("recipe", recipe_file))
+    inside = run_dir.resolve()
+    for what, value in inputs:
+        if value and Path(value).exists() and Path(value).resolve().is_relative_to(inside):
+            raise UsageError(f"the {what} {value} lies inside the run directory {run_dir}, which "
+                             "--overwrite would delete; move it elsewhere or give this run another name "
+                             "(--set name=...)")
+
+
+def lock_run_dir(path: Path, dist: DistContext) -> FileLock | None:
+    """Lock <output>/.<name>.lock (beside the run directory, so --overwrite cannot delete it) for the
+    run's lifetime. Rank 0 holds it; every rank learns whether it was taken, so all stop together."""
+    lock, error = None, None
+    if dist.is_main:
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                             "run_dir": str(path)})
+        try:
+            lock = FileLock(path.parent / f".{path.name}.lock", holder).acquire()
+        except LockedError as exc:
+            error = UsageError(f"run directory {path} is in use by {_describe_holder(exc.holder)}. Wait for "
+                               "that run to finish (or stop it), or choose another name (--set name=...) "
+                               "or --output-dir.")
+        except OSError as exc:
+            error = UsageError(f"cannot lock run directory {path} ({exc.strerror or exc}); the lock file "
+                               f"{path.parent / f'.{path.name}.lock'} must be a regular, writable file")
+    failed = all_reduce_max(torch.tensor([float(error is not None)], device=dist.device))
+    if failed.item():
+        raise error or UsageError(f"rank 0 could not lock the run directory {path} (see its message)")
+    return lock
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"process {info['pid']} on {info['host']} (started {info['started']})"
+    except (ValueError, TypeError, KeyError):
+        return "another process"
 
 
 def _check_same_recipe(stored: Path, recipe: Recipe) -> None:
-    old = _flatten(yaml.safe_load(stored.read_text())) if stored.is_file() else {}
+    old = _flatten(read_yaml(stored)[0]) if stored.is_file() else {}
     new = _flatten(recipe.resolved())
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE))
@@ -383,9 +488,9 @@ def pretrain(run: Run, recipe: Recipe, dense: nn.Module, data: DataBundle, progr
         info["cached"] = True
     else:
         log.info("pre-training the dense model for %d epoch(s) (cached afterwards in %s)", cfg.epochs, weights)
-        result = finetune(dense, data.train_loader, data.val_loader, FinetuneConfig.from_dict(cfg.flat()),
-                             device=run.dist.device, checkpoint_dir=cache / f"{weights.stem}.checkpoints",
-                             resume=True, progress=progress, dist=run.dist)
+        result = finetune(dense, data.train_loader, data.val_loader, cfg, device=run.dist.device,
+                          checkpoint_dir=cache / f"{weights.stem}.checkpoints", resume=True, progress=progress,
+                          dist=run.dist)
         if run.writer:
             save_pruned(weights, dense, Plan(), base=architecture_config(recipe),
                         example_shape=recipe.model.input_shape)
@@ -462,6 +567,7 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
               "achieved": cost(pruned, example, cfg.metric) / dense_cost, "macs": macs, "params": params,
               "seconds": {**result.report["seconds"], "sensitivity": round(seconds, 4)},
               "groups": result.report["groups"], "unscored_groups": result.report["unscored_groups"],
+              "skipped_groups": result.report.get("skipped_groups", []),
               "accuracy": accuracies}
     return pruned, plan.then(result.plan), {"report": report, "accuracy": accuracies}
 
@@ -478,11 +584,10 @@ def sensitivities(model: nn.Module, calibration, progress: bool) -> dict[str, to
 def finetune_step(run: Run, recipe: Recipe, step: int, model: nn.Module, plan: Plan, dense: nn.Module,
                   data: DataBundle, progress: bool) -> tuple[nn.Module, Plan, dict]:
     """Fine-tune (DDP under torchrun), distilling from the dense model when enabled; resumes from last.pt."""
-    cfg = FinetuneConfig.from_dict(recipe.finetune.flat())
     teacher = dense if recipe.finetune.distill.enabled else None
-    result = finetune(model, data.train_loader, data.val_loader, cfg, teacher=teacher, device=run.dist.device,
-                         checkpoint_dir=run.path / "checkpoints" / f"finetune{step}", resume=True,
-                         progress=progress, dist=run.dist)
+    result = finetune(model, data.train_loader, data.val_loader, recipe.finetune, teacher=teacher,
+                      device=run.dist.device, checkpoint_dir=run.path / "checkpoints" / f"finetune{step}",
+                      resume=True, progress=progress, dist=run.dist)
     history = [_percent(h) for h in result.history]
     final = {"top1": history[-1]["val_top1"], "top5": history[-1]["val_top5"]} if history else \
         accuracy(model, data, run.dist)
@@ -506,6 +611,8 @@ def save_artifacts(run: Run, recipe: Recipe, dense: nn.Module, pruned: nn.Module
                                params_pruned=params)
     run.report["prune"]["groups"] = merged_widths(steps)
     run.report["prune"]["unprunable_groups"] = steps[-1]["unscored_groups"] if steps else []
+    # Groups whose removal broke the model (checked after every removal), left whole, with the reason.
+    run.report["prune"]["skipped_groups"] = [g for s in steps for g in s.get("skipped_groups", [])]
 
 
 def export_models(run: Run, recipe: Recipe, dense: nn.Module, pruned: nn.Module, data: DataBundle | None) -> dict:
@@ -535,7 +642,81 @@ def export_models(run: Run, recipe: Recipe, dense: nn.Module, pruned: nn.Module,
         parity[role] = check_parity(model, samples, onnx_file if "onnx" in cfg.formats else None, xml,
                                     atol=cfg.parity.atol, rtol=cfg.parity.rtol, on_breach=cfg.parity.on_breach,
                                     labels=labels).to_dict()
-    return {"files": files, "parity": parity}
+    return {"files": files, "parity": parity, "sha256": export_hashes(run.path, files)}
+
+
+def export_hashes(run_dir: Path, files: Mapping[str, str]) -> dict[str, str]:
+    """sha256 of model.pt, dense.pt and every exported file (OpenVINO: .xml and .bin), by path in the run
+    directory: benchmarks verify them first, so exports that do not belong to model.pt are never measured."""
+    names = ["model.pt", "dense.pt"]
+    for rel in files.values():
+        names.append(rel)
+        if rel.endswith(".xml"):
+            names.append(str(Path(rel).with_suffix(".bin")))
+    return {name: artifact_sha256(run_dir / name) for name in names if (run_dir / name).is_file()}
+
+
+def artifact_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in chunks. A torch .pt file is hashed by what it holds (tensors' dtype,
+    shape and bytes, the plan and other plain values), not by its bytes: a resumed run writes model.pt
+    again from a reloaded model whose tensors may sit in other storages (torch.save writes whole
+    storages), with the same weights, while keeping its export."""
+    if path.suffix == ".pt" and zipfile.is_zipfile(path):
+        try:
+            digest = hashlib.sha256(b"torch-payload\0")
+            _hash_payload(digest, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            return digest.hexdigest()
+        except Exception:  # noqa: BLE001 - unreadable: hash the bytes (and the mismatch names the file)
+            pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_payload(digest: Any, obj: Any) -> None:
+    """Feed a loaded checkpoint into `digest` canonically (dict keys sorted, tensors as raw bytes)."""
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    elif isinstance(obj, Mapping):
+        digest.update(f"D{len(obj)}\0".encode())
+        for key in sorted(obj, key=repr):
+            digest.update(f"{key!r}\0".encode())
+            _hash_payload(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"L{len(obj)}\0".encode())
+        for item in obj:
+            _hash_payload(digest, item)
+    else:
+        digest.update(f"V{obj!r}\0".encode())
+
+
+def verify_export(run_dir: Path, export: Mapping | None) -> None:
+    """Before measuring: every file recorded at export still has its hash (UsageError naming it otherwise)."""
+    export = export or {}
+    if not export.get("files"):
+        return
+    again = (f"Run `pfp-deploy export --run-dir {run_dir}` again to export model.pt and dense.pt afresh "
+             "(then benchmark).")
+    recorded = export.get("sha256")
+    if not isinstance(recorded, Mapping) or not recorded:
+        log.warning("%s records no export hashes (exported by an older pfp-deploy), so the exported files "
+                    "cannot be checked against model.pt. %s", run_dir / "report.json", again)
+        return
+    for name, expected in recorded.items():
+        path = run_dir / name
+        if not path.is_file():
+            raise UsageError(f"{path} is missing (it was written at export and is needed to benchmark). {again}")
+        actual = artifact_sha256(path)
+        if actual != expected:
+            why = ("changed after the export, so the exported files are not made from it" if name in
+                   ("model.pt", "dense.pt") else "is not the file the export wrote: it was replaced or modified "
+                   "since, so it may not belong to model.pt")
+            raise UsageError(f"{path} {why} (sha256 {actual[:12]}..., recorded at export {str(expected)[:12]}...). "
+                             f"{again}")
 
 
 def parity_samples(recipe: Recipe, data: DataBundle | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -550,10 +731,13 @@ def parity_samples(recipe: Recipe, data: DataBundle | None) -> tuple[torch.Tenso
 
 def benchmark_targets(run: Run, recipe: Recipe, dense: nn.Module, pruned: nn.Module, export: dict | None,
                       names: Iterable[str] | None = None) -> list[dict]:
-    """Latency of dense vs pruned per recipe target (all, or those named) with each target's gates."""
+    """Latency of dense vs pruned per recipe target (all, or those named) with each target's gates.
+
+    The exported files are verified against the hashes recorded at export first (UsageError on a mismatch)."""
     targets = select_targets(recipe, names)
     if not targets:
         return []
+    verify_export(run.path, export)
     files = {k: run.path / v for k, v in ((export or {}).get("files") or {}).items()}
     model = run.report["model"]
     top1 = {k: (run.report["accuracy"].get(k) or {}).get("top1") for k in ("dense", *ACCURACY_FINAL_STEPS)}
@@ -570,7 +754,7 @@ def benchmark_targets(run: Run, recipe: Recipe, dense: nn.Module, pruned: nn.Mod
                           accuracy={"dense": top1["dense"], "pruned": final},
                           warmup=latency.warmup, min_runs=latency.min_runs, min_time_s=latency.min_time_s,
                           on_result=show)
-    return [r.to_dict() for r in results]
+    return [to_jsonable(r.to_dict()) for r in results]  # as stored: NaN -> null, numpy -> Python numbers
 
 
 def select_targets(recipe: Recipe, names: Iterable[str] | None) -> list:
@@ -626,18 +810,22 @@ def accuracy_check(recipe: Recipe, report: Mapping) -> dict:
 
 # ---------------------------------------------------------------------------- standalone run-dir commands
 
-def export_run(run_dir: str | os.PathLike) -> Result:
-    """Re-export the dense and pruned models of an existing run directory (`pfp-deploy export`)."""
-    run, dense, pruned = _open_run_dir(run_dir)
+def export_run(run_dir: str | os.PathLike, factory: str | None = None) -> Result:
+    """Re-export the dense and pruned models of an existing run directory (`pfp-deploy export`).
+
+    `factory` ('module:callable'): the code that builds the architecture of a run made from a
+    factory model; the run directory itself is never trusted to name code."""
+    run, dense, pruned = _open_run_dir(run_dir, factory)
     with run.stage("export"):
         run.report["export"] = export_models(run, run.recipe, dense, pruned, None)
     return _rewrite(run)
 
 
-def benchmark_run(run_dir: str | os.PathLike, targets: Iterable[str] | None = None) -> Result:
+def benchmark_run(run_dir: str | os.PathLike, targets: Iterable[str] | None = None,
+                  factory: str | None = None) -> Result:
     """Benchmark a run directory made elsewhere (e.g. on the edge box): its saved models and exported
     files, the recipe's targets (or those named); updates report.json/report.md, gates decide the status."""
-    run, dense, pruned = _open_run_dir(run_dir)
+    run, dense, pruned = _open_run_dir(run_dir, factory)
     with run.stage("benchmark"):
         results = benchmark_targets(run, run.recipe, dense, pruned, run.report.get("export"), targets)
     fresh = {r["name"]: r for r in results}
@@ -646,22 +834,37 @@ def benchmark_run(run_dir: str | os.PathLike, targets: Iterable[str] | None = No
     return _rewrite(run)
 
 
-def _open_run_dir(run_dir: str | os.PathLike) -> tuple[Run, nn.Module, nn.Module]:
+def _open_run_dir(run_dir: str | os.PathLike, factory: str | None = None) -> tuple[Run, nn.Module, nn.Module]:
+    """The run's recipe, report and models. Everything here is read as data: the models' architecture
+    comes from the files' builtin/torchvision record, or from the caller's `factory`."""
     path = Path(run_dir)
     if not (path / RECIPE_FILE).is_file() or not (path / "model.pt").is_file():
         raise UsageError(f"{path} is not a finished pfp-deploy run directory (needs {RECIPE_FILE} and "
                          "model.pt); pass the runs/<name> directory written by `pfp-deploy optimize`")
     recipe = load_recipe(path / RECIPE_FILE)
     run = Run(path, recipe, DistContext(), resume=False)
+    run.lock = lock_run_dir(path, run.dist)  # released by _rewrite (or when `run` is collected)
     if (path / "report.json").is_file():
         run.report = json.loads((path / "report.json").read_text())
     run.report.update(times={}, run_dir=str(path))
-    return run, load_pruned(path / "dense.pt").eval(), load_pruned(path / "model.pt").eval()
+
+    def base() -> nn.Module | None:  # a fresh instance per file: a plan without steps returns its base
+        if factory is None:
+            return None
+        cfg = recipe.model.model_copy(update={"source": "factory", "factory": factory, "weights": None,
+                                              "path": None, "pretrain": None})
+        return build_model(cfg)
+
+    return (run, load_pruned(path / "dense.pt", base_model=base()).eval(),
+            load_pruned(path / "model.pt", base_model=base()).eval())
 
 
 def _rewrite(run: Run) -> Result:
-    run.conclude()
-    return run.result()
+    try:
+        run.conclude()
+        return run.result()
+    finally:
+        run.release()
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -697,19 +900,6 @@ def architecture_config(recipe: Recipe) -> dict:
 def model_label(recipe: Recipe) -> str:
     m = recipe.model
     return m.name or (m.factory or "").rpartition(":")[2] or Path(m.path or "model").stem
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def write_markdown(report: dict, run_dir: Path, plots: bool = True) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +18,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .fileio import torch_save_atomic
 from .errors import ModelLoadError, PruningError, TargetUnattainableError, UsageError, did_you_mean
 from .pfp import allocation
 from .pfp.groups import (ChannelGroup, build_graph, channel_scores, collect_groups, consumer_scores,
-                         output_layers, resolve_names)
+                         output_layers, resolve_names, search_group)
 from .pfp.selection import VARIANTS, Selection, select
 from .pfp.sensitivity import sensitivity as compute_sensitivity
 
@@ -70,7 +69,12 @@ class PruneResult:
 
 def count_cost(model: nn.Module, example_inputs) -> tuple[int, int]:
     """(MACs, params) by torch-pruning's op counter, for the given example inputs."""
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    try:
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    except RuntimeError:
+        # The counter deep-copies the model first, which fails on a tensor cached attached to an
+        # autograd graph (a module whose train() does not drop it): count on a detached copy.
+        macs, params = tp.utils.count_ops_and_params(_private_copy(model), example_inputs)
     return int(macs), int(params)
 
 
@@ -85,12 +89,15 @@ def _positions(model: nn.Module, example_inputs) -> dict[nn.Module, float]:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
             handles.append(m.register_forward_hook(hook))
+    modes = _modes(model)
+    model.eval()  # a train-mode forward would update BatchNorm running statistics
     try:
         with torch.no_grad():
             _forward(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
+        _restore_modes(model, modes)
     return found
 
 
@@ -145,21 +152,106 @@ def _forward(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
-def _check_example_inputs(model: nn.Module, example_inputs) -> None:
-    modes = [(m, m.training) for m in model.modules()]
+def _modes(model: nn.Module) -> list[bool]:
+    """Every module's train/eval flag, in model.modules() order (the same order in a copy)."""
+    return [m.training for m in model.modules()]
+
+
+def _restore_modes(model: nn.Module, modes: list[bool]) -> None:
+    """Put every module's train/eval flag back to `modes` (per module: a frozen submodule stays so).
+
+    train() runs first so that modules whose train() drops what they cache in eval mode (timm
+    LeViT's attention-bias cache) forget tensors an eval forward stored: after torch-pruning's
+    traced forward those are attached to the autograd graph (deepcopy refuses them) and after
+    removal they are sized for the unpruned layers.
+    """
+    model.train()
+    for module, training in zip(model.modules(), modes):
+        module.training = training
+
+
+def _graph_tensors(value, depth: int = 0):
+    """Tensors attached to an autograd graph in a module attribute (or a dict/list/tuple of them)."""
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            yield value
+    elif depth < 3 and isinstance(value, dict):
+        for item in value.values():
+            yield from _graph_tensors(item, depth + 1)
+    elif depth < 3 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _graph_tensors(item, depth + 1)
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy to work on, so that the model given stays unchanged in every way.
+
+    A tensor a module caches outside its parameters and buffers may be attached to an autograd
+    graph (an eval-mode forward with gradients on), which deepcopy refuses: the copy gets it
+    detached (through deepcopy's memo, the model given is not touched).
+    """
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            for tensor in _graph_tensors(value):
+                memo[id(tensor)] = tensor.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - any failure means the model cannot be copied
+        raise UsageError(
+            f"cannot copy {type(model).__name__} with copy.deepcopy ({type(exc).__name__}: {exc}); pfp-deploy "
+            "prunes a private copy so that the model given stays unchanged: make the model deep-copyable"
+        ) from exc
+
+
+def _output_shapes(output) -> list:
+    """The shape of every tensor in a model's output (nested tuples, lists and dicts), in order."""
+    if isinstance(output, torch.Tensor):
+        return [tuple(output.shape)]
+    if isinstance(output, dict):
+        return [(key, shape) for key, value in output.items() for shape in _output_shapes(value)]
+    if isinstance(output, (list, tuple)):
+        return [shape for value in output for shape in _output_shapes(value)]
+    return []
+
+
+def _run_eval(model: nn.Module, example_inputs):
+    """A no-grad forward in eval mode; every module's flag comes back afterwards."""
+    modes = _modes(model)
     model.eval()
     try:
         with torch.no_grad():
-            _forward(model, example_inputs)
+            return _forward(model, example_inputs)
+    finally:
+        _restore_modes(model, modes)
+
+
+def _check_example_inputs(model: nn.Module, example_inputs) -> list:
+    """The dense model's output shapes on `example_inputs` (the reference removal must keep)."""
+    try:
+        return _output_shapes(_run_eval(model, example_inputs))
     except Exception as exc:  # noqa: BLE001 - any failure means the inputs do not fit
         shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs).__name__
         raise UsageError(
             f"example_inputs of shape {shape} do not fit the model ({type(exc).__name__}: {exc}); "
             "pass a batch shaped like the real inputs, e.g. torch.randn(1, 3, 224, 224)"
         ) from exc
-    finally:
-        for m, training in modes:
-            m.training = training
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _verify(model: nn.Module, example_inputs, reference: list) -> str | None:
+    """None when the pruned model runs on `example_inputs` with the dense output shapes, else why not."""
+    try:
+        shapes = _output_shapes(_run_eval(model, example_inputs))
+    except Exception as exc:  # noqa: BLE001 - any failure means the removal broke the model
+        return f"the model no longer runs after removing them ({_first_line(exc)})"
+    if shapes != reference:
+        return f"the model's outputs change shape after removing them ({shapes} instead of {reference})"
+    return None
 
 
 def _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio):
@@ -200,7 +292,8 @@ def _consumer_info(groups, sensitivities, model, positions, batch: int, delta: f
     mapped_sum, covered = {}, {}
     for group in groups:
         for name, mapped in consumer_scores(group, sensitivities).items():
-            mapped_sum[name] = mapped_sum.get(name, 0.0) + float(mapped.sum())
+            # float64: a float32 S_l can be 1e-7 short of sum(p) and ceil() would then keep an extra channel
+            mapped_sum[name] = mapped_sum.get(name, 0.0) + float(mapped.double().sum())
         for consumer in group.consumers:
             covered.setdefault(consumer.name, set()).update(consumer.in_idxs.tolist())
     info = {}
@@ -208,7 +301,7 @@ def _consumer_info(groups, sensitivities, model, positions, batch: int, delta: f
         s = sensitivities[name]
         uncovered = torch.ones(s.numel(), dtype=torch.bool)
         uncovered[list(covered[name])] = False
-        total += float(s[uncovered].sum())
+        total += float(s[uncovered].double().sum())
         m = modules[name]
         kernel = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1
         per_point = positions.get(m, batch) / batch  # positions were counted over the example batch
@@ -242,64 +335,111 @@ def prune(
 ) -> PruneResult:
     """Prune `model` with PFP so that its MACs (or params) are `keep` x the model given.
 
-    `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs); the
-    caller's model is never modified. `importance(tp_group) -> Tensor[width]` replaces PFP's
-    channel scores for choosing channels (PFP still decides how many each group keeps).
-    delta, c and K are the constants of the paper's sample complexity (PFP.md §3).
+    `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs).
+    `importance(tp_group) -> Tensor[width]` replaces PFP's channel scores for choosing channels
+    (PFP still decides how many each group keeps). delta, c and K are the constants of the paper's
+    sample complexity (PFP.md §3).
+
+    The model given is never modified in any way (weights, train/eval flags, caches): scoring,
+    tracing and removal all run on a private deep copy. The pruned model has the same per-module
+    train/eval flags as the model given.
+
+    Tolerance: the achieved fraction a = cost(pruned) / cost(model) must satisfy
+    |a - keep| <= tolerance * min(1, keep / 0.1). From keep = 10 % up the tolerance is absolute,
+    a fraction of the dense cost (keep=0.5, tolerance=0.01: a in [0.49, 0.51]); below, where 1 %
+    of the dense cost would exceed the whole target, it shrinks with keep, i.e. a fixed relative
+    error of tolerance / 0.1 (10 % by default: keep=0.005 accepts [0.0045, 0.0055]). A keep below
+    the reachable floor (each group at its min_channels / max_prune_ratio / round_to, ignored and
+    skipped groups at full width) raises TargetUnattainableError naming that floor.
+
+    Every removal is verified: the pruned model must run on `example_inputs` and give outputs
+    shaped like the dense model's. A group torch-pruning cannot remove correctly (found when the
+    groups are built, or by that check) is left unpruned, the budget is re-allocated over the
+    others, and the group is listed in report["skipped_groups"] with the reason; naming its root
+    layer in `ignored_layers` skips it without the note.
     """
     _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio)
     if not (0 < delta < 1 and c > 0 and K > 0):
         raise UsageError(f"need 0 < delta < 1, c > 0 and K > 0; got delta={delta}, c={c}, K={K}")
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
+        raise UsageError(f"tolerance must be a number > 0 (0.01: within 1 % of the dense cost), got {tolerance!r}")
     timings = {}
     t0 = time.perf_counter()
-    _check_example_inputs(model, example_inputs)
+    work = _private_copy(model)  # everything below runs on this copy: the model given stays as it is
+    modes = _modes(work)
+    reference = _check_example_inputs(work, example_inputs)
 
     start = time.perf_counter()
     if sensitivities is None:
-        sensitivities = compute_sensitivity(model, calibration, progress=progress)
+        sensitivities = compute_sensitivity(work, calibration, progress=progress)
     timings["sensitivity"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    graph = build_graph(model, example_inputs)
-    ignored = output_layers(graph) + resolve_names(model, ignored_layers, "ignored_layers")
-    groups, unscored = collect_groups(model, graph, ignored)
+    graph = build_graph(work, example_inputs)
+    _restore_modes(work, modes)  # torch-pruning's trace left every module in eval() and may have filled caches
+    ignored = output_layers(graph) + resolve_names(work, ignored_layers, "ignored_layers")
+    groups, unscored, skipped = collect_groups(work, graph, ignored)
     if not groups:
         raise PruningError(
             "no prunable channel group: every group feeds the model output, is ignored, or has no "
-            "dense Conv2d/Linear consumer to score it"
+            f"dense Conv2d/Linear consumer to score it{_skipped_note(skipped)}"
         )
-    settings = _match_overrides(model, groups, overrides)
-    positions = _positions(model, example_inputs)
+    settings = _match_overrides(work, groups, overrides)
+    positions = _positions(work, example_inputs)
     batch = example_inputs.shape[0] if isinstance(example_inputs, torch.Tensor) else 1
-    info = _consumer_info(groups, sensitivities, model, positions, batch, delta, c)
+    info = _consumer_info(groups, sensitivities, work, positions, batch, delta, c)
     defaults = {"min_channels": min_channels, "max_prune_ratio": max_prune_ratio, "round_to": round_to}
     budgets = [_budget(g, sensitivities, info, {**defaults, **extra}, K) for g, extra in zip(groups, settings)]
     choice_scores = [b.scores if importance is None else _importance_scores(importance, g)
                      for g, b in zip(groups, budgets)]
-    macs0, params0 = count_cost(model, example_inputs)
+    macs0, params0 = count_cost(work, example_inputs)
     dense = float(macs0 if metric == "macs" else params0)
     cost = _build_cost_model(positions, groups, metric, dense)
     target = keep * dense
+    allowed = accepted_deviation(keep, tolerance) * dense
     timings["allocation"] = timings["removal"] = 0.0
-    for _ in range(4):  # re-allocate with the measured residual until within tolerance
-        widths, eps = allocation.allocate(budgets, cost, target, tolerance=0.5 * tolerance * dense)
+    measured_passes = 0
+    while True:  # re-allocate with the measured residual (4 passes at most) or without broken groups
+        try:
+            widths, eps = allocation.allocate(budgets, cost, target, tolerance=0.5 * allowed)
+        except TargetUnattainableError as exc:
+            raise TargetUnattainableError(f"{exc}{_skipped_note(skipped)}") from None
         timings["allocation"] += time.perf_counter() - start
         start = time.perf_counter()
         rng = np.random.default_rng(seed)
         stage_groups = [_group_plan(g, w, sc, variant if importance is None else "deterministic", rng)
                         for g, w, sc in zip(groups, widths, choice_scores)]
-        pruned = _apply_stage(model, stage_groups, example_inputs, fold_gamma=True)
+        try:
+            pruned = _apply_stage(work, stage_groups, example_inputs, fold_gamma=True, reference=reference)
+        except _BrokenGroups as exc:
+            # Each group breaks at most once (it is then frozen at full width), so this ends.
+            for index, reason in exc.broken.items():
+                budgets[index].fixed = True
+                skipped.append({"name": groups[index].root_name, "reason": (
+                    f"{reason}; left unpruned (ignored_layers=[\"{groups[index].root_name}\"] skips it "
+                    "without this note)")})
+            if keep < 1 and all(b.fixed for b in budgets):
+                raise PruningError(f"no channel group can be pruned without breaking the model{_skipped_note(skipped)}")
+            timings["removal"] += time.perf_counter() - start
+            start = time.perf_counter()
+            continue
         macs1, params1 = count_cost(pruned, example_inputs)
         measured = float(macs1 if metric == "macs" else params1)
         timings["removal"] += time.perf_counter() - start
         start = time.perf_counter()
-        if abs(measured - target) <= tolerance * dense:
+        measured_passes += 1
+        if abs(measured - target) <= allowed or measured_passes == 4:
             break
         cost.correct(cost(widths), measured)
-    if abs(measured - target) > tolerance * dense:
+    if abs(measured - target) > allowed:
+        floor = _measured_floor(work, groups, budgets, choice_scores, example_inputs, metric, cost)
+        below = floor > target + allowed
         raise TargetUnattainableError(
-            f"could not reach {keep:.1%} of the dense {metric} within {tolerance:.1%}: achieved "
-            f"{measured / dense:.1%} with these constraints (round_to / min_channels / overrides)"
+            f"could not reach {keep:.4g} of the dense {metric} within ±{allowed / dense:.2g}: achieved "
+            f"{measured / dense:.4g}. The smallest reachable is {floor / dense:.4g} of the dense {metric} "
+            "(every group at its min_channels / max_prune_ratio / round_to; ignored and skipped groups at "
+            "full width): " + ("raise keep or relax those settings" if below else
+                               "raise tolerance or lower round_to") + _skipped_note(skipped)
         )
     timings["total"] = time.perf_counter() - t0
     stage = {"keep": keep, "metric": metric, "variant": variant, "epsilon": eps, "seed": seed,
@@ -308,14 +448,46 @@ def prune(
     report = {
         "keep": keep, "metric": metric, "variant": variant, "epsilon": eps,
         "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1,
-        "target": keep, "achieved": measured / dense,
+        "target": keep, "achieved": measured / dense, "allowed_deviation": allowed / dense,
         "seconds": {k: round(v, 4) for k, v in timings.items()},
         "groups": [{"name": g["root"], "width_before": g["width_before"], "width_after": g["width_after"]}
                    for g in stage_groups],
         "unscored_groups": unscored,
+        "skipped_groups": skipped,
         "calibration_layers": len(sensitivities),
     }
     return PruneResult(model=pruned, plan=Plan([stage]), report=report, sensitivities=sensitivities)
+
+
+# Below this keep an absolute tolerance is meaningless (1 % of the dense cost is twice the whole
+# target at keep = 0.005), so there the accepted deviation shrinks with keep.
+RELATIVE_TOLERANCE_BELOW = 0.1
+
+
+def accepted_deviation(keep: float, tolerance: float) -> float:
+    """The largest |achieved - keep| prune() accepts, both as fractions of the dense cost."""
+    return tolerance * min(1.0, keep / RELATIVE_TOLERANCE_BELOW)
+
+
+def _skipped_note(skipped: list[dict]) -> str:
+    if not skipped:
+        return ""
+    shown = "; ".join(f'"{s["name"]}": {s["reason"]}' for s in skipped[:3])
+    more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    return f". Groups left unpruned: {shown}{more}"
+
+
+def _measured_floor(model, groups, budgets, choice_scores, example_inputs, metric: str, cost) -> float:
+    """The cost of the smallest model the constraints allow (every group at its floor): measured,
+    or the cost model's estimate where that smallest model cannot be built."""
+    rng = np.random.default_rng(0)
+    widths = [allocation.constrain(b.min_keep, b) for b in budgets]
+    floor = [_group_plan(g, w, sc, "deterministic", rng) for g, w, sc in zip(groups, widths, choice_scores)]
+    try:
+        macs, params = count_cost(_apply_stage(model, floor, example_inputs, fold_gamma=False), example_inputs)
+    except Exception:  # noqa: BLE001 - only an estimate for the error message: never mask the real error
+        return cost(widths)
+    return float(macs if metric == "macs" else params)
 
 
 def _budget(group: ChannelGroup, sensitivities, info, settings: dict, k: float) -> allocation.GroupBudget:
@@ -364,11 +536,38 @@ def _select_channels(group: ChannelGroup, scores: np.ndarray, width: int, varian
 
 # ----------------------------------------------------------------------------- removal
 
-def _apply_stage(model: nn.Module, stage_groups: list[dict], example_inputs, fold_gamma: bool) -> nn.Module:
-    """A pruned copy of `model`: gamma folded into consumers, then each group's channels removed."""
-    pruned = copy.deepcopy(model)
-    modules = dict(pruned.named_modules())
+class _BrokenGroups(Exception):
+    """Internal: removing these groups (index into the stage -> why) breaks the model."""
+
+    def __init__(self, broken: dict[int, str]):
+        super().__init__(f"{len(broken)} group(s) break the model")
+        self.broken = broken
+
+
+def _traced_copy(model: nn.Module, example_inputs):
+    """A private copy of `model`, its dependency graph and its modules by name."""
+    pruned = _private_copy(model)
+    modes = _modes(pruned)
     graph = build_graph(pruned, example_inputs)
+    _restore_modes(pruned, modes)  # the trace switched every module to eval() and may have filled caches
+    return pruned, graph, dict(pruned.named_modules())
+
+
+def _remove(graph, modules: dict, entry: dict) -> None:
+    """Remove the channels of one group that its plan entry does not keep."""
+    removed = sorted(set(range(entry["width_before"])) - set(entry["kept"]))
+    if removed:
+        search_group(graph, modules[entry["root"]], removed).prune()
+
+
+def _apply_stage(model: nn.Module, stage_groups: list[dict], example_inputs, fold_gamma: bool,
+                 reference: list | None = None) -> nn.Module:
+    """A pruned copy of `model`: gamma folded into consumers, then each group's channels removed.
+
+    With `reference` (the dense model's output shapes) the result must run on `example_inputs`
+    with those shapes; otherwise _BrokenGroups names the groups whose removal breaks it.
+    """
+    pruned, graph, modules = _traced_copy(model, example_inputs)
     for entry in stage_groups:
         root = modules.get(entry["root"])
         if root is None:
@@ -381,13 +580,50 @@ def _apply_stage(model: nn.Module, stage_groups: list[dict], example_inputs, fol
             )
         if fold_gamma and entry.get("gamma") is not None:
             _fold_gamma(graph, root, width, entry)
+    failure = None
     for entry in stage_groups:
-        root = modules[entry["root"]]
-        removed = sorted(set(range(entry["width_before"])) - set(entry["kept"]))
-        if removed:
-            pruner = graph.get_pruner_of_module(root)
-            graph.get_pruning_group(root, pruner.prune_out_channels, removed).prune()
-    return pruned
+        try:
+            _remove(graph, modules, entry)
+        except Exception as exc:  # noqa: BLE001 - torch-pruning failing inside a removal
+            failure = (entry["root"], exc)
+            break
+    if reference is None:  # replaying a plan: it removed these groups once, so a failure is a mismatch
+        if failure is not None:
+            raise PruningError(
+                f'torch-pruning cannot remove the planned channels of "{failure[0]}" ({_first_line(failure[1])}): '
+                f'the plan belongs to another model, or prune it again with ignored_layers=["{failure[0]}"]'
+            ) from failure[1]
+        return pruned
+    if failure is None and _verify(pruned, example_inputs, reference) is None:
+        return pruned
+    raise _BrokenGroups(_locate_broken(model, stage_groups, example_inputs, reference))
+
+
+def _locate_broken(model: nn.Module, stage_groups: list[dict], example_inputs, reference: list) -> dict[int, str]:
+    """Which groups break the model: remove them one at a time on a fresh copy, checking after
+    each; a group that breaks it is recorded and the copy rebuilt without it (torch-pruning has
+    no undo, and a failed removal may leave a layer half-pruned)."""
+    broken, done = {}, []
+    pruned, graph, modules = _traced_copy(model, example_inputs)
+    for index, entry in enumerate(stage_groups):
+        if len(entry["kept"]) == entry["width_before"]:
+            continue
+        try:
+            _remove(graph, modules, entry)
+            problem = _verify(pruned, example_inputs, reference)
+        except Exception as exc:  # noqa: BLE001 - torch-pruning failing inside a removal
+            problem = f"torch-pruning fails removing its channels ({_first_line(exc)})"
+        if problem is None:
+            done.append(entry)
+            continue
+        broken[index] = problem
+        pruned, graph, modules = _traced_copy(model, example_inputs)
+        for good in done:
+            _remove(graph, modules, good)
+    if not broken:
+        raise PruningError("the pruned model fails its check, yet no single group breaks it; please report "
+                           "this model (prune(..., ignored_layers=[...]) narrows it down)")
+    return broken
 
 
 def _fold_gamma(graph, root, width, entry) -> None:
@@ -396,8 +632,7 @@ def _fold_gamma(graph, root, width, entry) -> None:
 
     gamma = torch.ones(width)
     gamma[torch.as_tensor(entry["kept"], dtype=torch.long)] = torch.as_tensor(entry["gamma"], dtype=torch.float32)
-    pruner = graph.get_pruner_of_module(root)
-    full = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(width)))
+    full = search_group(graph, root, range(width))
     with torch.no_grad():
         for item in full:
             module = item.dep.target.module
@@ -423,20 +658,15 @@ def save_pruned(path, model: nn.Module, plan: Plan, base: dict | None = None, ex
     payload = {"format": "pfp-deploy-pruned", "version": 1, "plan": plan.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "base": base or {}, "example_shape": list(example_shape) if example_shape else None}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return torch_save_atomic(payload, path)
 
 
 def load_pruned(path, base_model: nn.Module | None = None, example_inputs=None) -> nn.Module:
-    """Rebuild a pruned model from base model + plan + state_dict (no pickled modules)."""
+    """Rebuild a pruned model from base model + plan + state_dict (no pickled modules).
+
+    Without `base_model` the architecture recorded in the file is built, which may only be a builtin
+    or torchvision model: a file never makes pfp-deploy import or call code (pass base_model= for a
+    model of your own)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"pruned model file not found: {path}")
@@ -446,13 +676,10 @@ def load_pruned(path, base_model: nn.Module | None = None, example_inputs=None) 
         raise ModelLoadError(f"cannot read pruned model {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != "pfp-deploy-pruned":
         raise ModelLoadError(f"{path} is not a pfp-deploy pruned model (save it with save_pruned)")
-    if base_model is None:
-        if not payload.get("base"):
-            raise ModelLoadError(f"{path} stores no base model config: pass base_model=")
-        from .models import build_model
-        from .recipe import ModelConfig
+    if base_model is None:  # the file's architecture record: a builtin/torchvision name, never code
+        from .models import architecture_from_file, build_model
 
-        base_model = build_model(ModelConfig.model_validate(payload["base"]))
+        base_model = build_model(architecture_from_file(payload.get("base"), path))
     if example_inputs is None:
         shape = payload.get("example_shape")
         if not shape:

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pfp_deploy.errors import RecipeError
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+# Bounds for untrusted YAML: the largest shipped recipe is ~4 KB and ~300 values.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
 
 # Per data format: (input channels, image size, number of classes or None when read from disk).
 FORMAT_DEFAULTS = {"fashion_mnist": (1, 28, 10), "imagefolder": (3, 224, None), "synthetic": (3, 32, None)}
@@ -73,7 +76,9 @@ class ModelConfig(_Strict):
         "of an earlier pfp-deploy run. Never modified.")
     factory: str | None = Field(
         None, description="'package.module:callable' (or 'path/to/file.py:callable') returning an "
-        "nn.Module; num_classes / in_channels are passed when the callable accepts them.")
+        "nn.Module; num_classes / in_channels are passed when the callable accepts them. This imports "
+        "and runs that code: use only factories you trust. With source pruned: builds the base "
+        "architecture (a saved file never names code itself).")
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the model constructor.")
     num_classes: int | None = Field(
@@ -199,8 +204,10 @@ class PruneConfig(_Strict):
     schedule: list[Ratio] | None = Field(
         None, description="Cascade: decreasing keep ratios relative to the dense network, each "
         "followed by fine-tuning and fresh sensitivities, e.g. [0.8, 0.65, 0.5]. None: one step.")
-    tolerance: float = Field(0.01, gt=0, lt=1, description="Accepted relative error between "
-                             "achieved and requested cost.")
+    tolerance: float = Field(0.01, gt=0, lt=1, description="Accepted |achieved - keep| as a fraction "
+                             "of the dense cost, for keep >= 0.1; below that it shrinks in proportion to keep (the "
+                             "default 0.01 then allows 10 % of keep), so a tiny target is never met by a much "
+                             "larger model.")
     round_to: int = Field(16, ge=1, description="Kept channels per group are rounded up to a "
                           "multiple of this. 16 is measured in docs/BENCHMARKS.md: unrounded widths "
                           "knock ONNX Runtime off its blocked CPU kernels (ResNet-50 at 50 % MACs: "
@@ -265,10 +272,17 @@ def _check_regex(name: str) -> None:
 
 class OptimizerConfig(_Strict):
     name: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer.")
-    lr: float = Field(0.01, gt=0, description="Peak learning rate.")
+    lr: float = Field(0.01, ge=0, description="Peak learning rate (0 freezes the weights).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adamw).")
-    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay (not applied to biases and norm layers).")
     nesterov: bool = Field(False, description="Nesterov momentum for SGD.")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise _Problems([("nesterov", "needs name sgd with momentum > 0; set nesterov: false or give "
+                              "a momentum")])
+        return self
 
 
 class DistillConfig(_Strict):
@@ -292,13 +306,6 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=1, description="Evaluate on the validation set every N epochs.")
     seed: int = Field(0, description="Seed for shuffling and augmentation during training.")
 
-    def flat(self) -> dict[str, Any]:
-        """One flat dict (optimizer.lr -> lr, optimizer.name -> optimizer, distill -> distill_*)
-        for the training loop's own config (pfp_deploy.finetune.FinetuneConfig.from_dict)."""
-        flat = self.model_dump(exclude={"optimizer", "distill", "eval_every"})
-        flat.update(self.optimizer.model_dump(exclude={"name"}), optimizer=self.optimizer.name)
-        return flat
-
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
         if self.warmup_epochs > self.epochs:
@@ -308,13 +315,10 @@ class TrainConfig(_Strict):
 
 
 class FinetuneConfig(TrainConfig):
-    distill: DistillConfig = Field(default_factory=DistillConfig, description="Knowledge distillation.")
+    """The training loop's configuration (pfp_deploy.finetune.finetune takes it as is): the recipe's
+    `finetune` section, or `model.pretrain` without distillation."""
 
-    def flat(self) -> dict[str, Any]:
-        flat = super().flat()
-        flat["distill_temperature"] = self.distill.temperature
-        flat["distill_alpha"] = self.distill.alpha if self.distill.enabled else 0.0  # 0 disables it
-        return flat
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Knowledge distillation.")
 
 
 ModelConfig.model_rebuild()
@@ -414,9 +418,12 @@ class TargetConfig(_Strict):
 
 
 class LatencyConfig(_Strict):
-    warmup: int = Field(10, ge=0, description="Untimed runs before measuring.")
-    min_runs: int = Field(50, ge=1, description="Timed runs, at least.")
-    min_time_s: float = Field(1.0, ge=0, description="Keep measuring until this much time has passed.")
+    """Bounded on purpose: each target runs dense and pruned, so an unbounded setting hangs the benchmark."""
+
+    warmup: int = Field(10, ge=0, le=1000, description="Untimed runs before measuring (per model).")
+    min_runs: int = Field(50, ge=1, le=10000, description="Timed runs, at least (per model).")
+    min_time_s: float = Field(1.0, ge=0, le=600, allow_inf_nan=False,
+                              description="Keep measuring each model until this many seconds have passed.")
 
 
 class ChecksConfig(_Strict):
@@ -527,7 +534,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
         raw = copy.deepcopy(source)
     elif isinstance(source, (str, Path)):
         origin = str(source)
-        raw, lines = _read_yaml(Path(source))
+        raw, lines = read_yaml(Path(source))
     else:
         raise RecipeError(f"load_recipe() takes a YAML path, a dict or a Recipe, got {type(source).__name__}")
     overridden = [_apply_override(raw, item) for item in overrides]
@@ -537,7 +544,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
         raise RecipeError(_format_errors(exc, origin, lines, overridden)) from None
 
 
-def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+def read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     """Parse a recipe file: (data, {key path: 1-based line}); duplicate keys are errors."""
     if not path.is_file():
         where = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -545,18 +552,15 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         hint = f" Examples: {', '.join(examples)}" if examples else ""
         raise RecipeError(f"Recipe file {path} {where}. Pass the path of a YAML recipe.{hint}")
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"Recipe {path} is {size:,} bytes; recipes are at most {MAX_RECIPE_BYTES:,} "
+                              "bytes (a recipe is a page of settings, not data)")
+        with path.open("rb") as f:  # read no more than the limit, even if the file grows meanwhile
+            text = f.read(MAX_RECIPE_BYTES + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"Cannot read recipe {path}: {exc}. Recipes are UTF-8 YAML text files.") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"{where}: YAML syntax error: {problem}. Check the indentation and that "
-                          "every 'key:' is followed by a space.") from None
+    node, data = parse_yaml_bounded(text, str(path))
     if data is None:
         raise RecipeError(f"Recipe file {path} is empty. Start from recipes/fashion_mnist_quickstart.yaml.")
     if not isinstance(data, dict):
@@ -565,6 +569,79 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     lines: dict[tuple, int] = {}
     _index_lines(node, (), lines, path)
     return data, lines
+
+
+def validate_section(model: type[BaseModel], data: Any, where: str) -> Any:
+    """One section of a recipe (e.g. FinetuneConfig from a dict passed to the Python API), with
+    recipe-style errors: RecipeError, one line per problem, naming `where`.key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            problem = err.get("ctx", {}).get("error")
+            if isinstance(problem, _Problems):
+                at = ".".join(str(part) for part in (where, *err["loc"]))
+                lines += [f"  {at}.{key}: {msg}" for key, msg in problem.problems]
+                continue
+            key = ".".join(str(part) for part in (where, *err["loc"]))
+            hint = ""
+            if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+                hint = _nearest(str(err["loc"][-1]), list(model.model_fields))
+                hint = f' Did you mean "{hint}"?' if hint else ""
+            lines.append(f"  {key}: {err['msg']} (got {_show(err.get('input'))}){hint}")
+        raise RecipeError(f"Invalid {where} settings ({len(lines)} problem{'s' * (len(lines) > 1)}):\n"
+                          + "\n".join(lines)) from None
+
+
+def parse_yaml_bounded(text: str, origin: str, max_nodes: int = MAX_YAML_NODES) -> tuple[Any, Any]:
+    """(node tree, data) of YAML text with safe_load semantics, refusing text that would expand past
+    `max_nodes` values: an alias bomb (anchors nested in aliases) is a few hundred bytes that expand
+    to billions of values, so the composed tree is measured, aliases counted at full size, first."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{origin}: {len(text):,} characters of YAML; at most {MAX_RECIPE_BYTES:,} are read")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases stay shared here: cheap
+        _check_expansion(node, origin, max_nodes)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: YAML syntax error: {problem}. Check the indentation and that "
+                          "every 'key:' is followed by a space.") from None
+    return node, data
+
+
+def _check_expansion(root: yaml.Node | None, origin: str, max_nodes: int) -> None:
+    """Count the values `root` expands to (each alias at the full size of its anchor), iteratively
+    with one memo per node, so the count itself is linear in the text; a recursive alias is refused."""
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if not children_done:
+            if key in on_path:
+                raise RecipeError(f"{origin}:{node.start_mark.line + 1}: a YAML alias refers to itself "
+                                  "(a recursive anchor); recipes must be trees")
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        on_path.discard(key)
+        sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+        if sizes[key] > max_nodes:
+            raise RecipeError(f"{origin}:{node.start_mark.line + 1}: this YAML expands to more than "
+                              f"{max_nodes:,} values through anchors and aliases (&name / *name); a recipe "
+                              "needs far fewer. Write the values out, or remove the nested aliases.")
 
 
 def _index_lines(node: yaml.Node, at: tuple, lines: dict[tuple, int], path: Path) -> None:
@@ -604,9 +681,9 @@ def _apply_override(raw: dict, item: str) -> tuple:
     if not sep or not key:
         raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. --set finetune.epochs=2")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {item!r}: the value is not valid YAML ({exc}). Quote strings "
+        _, value = parse_yaml_bounded(text, f"--set {key}")
+    except RecipeError as exc:
+        raise RecipeError(f"--set {item[:200]!r}: the value is not valid YAML ({exc}). Quote strings "
                           "that contain ':' or '#'.") from None
     parts = _split_path(key)
     node: Any = raw

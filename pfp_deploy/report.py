@@ -5,15 +5,15 @@ inside the plotting functions, so importing this module stays cheap and works wi
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from pfp_deploy.fileio import atomic_open
 
 PLOT_DPI = 110
 MAX_GROUP_ROWS = 20  # more groups than this: the width table goes under <details>
@@ -26,23 +26,7 @@ STATUS_BADGE = {"passed": "✅ PASSED", "failed": "❌ FAILED", "error": "💥 E
 NOT_RUN = "_Not run._"
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-@contextlib.contextmanager
-def _atomic(path: Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temp file next to `path`; rename it over `path` only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+# ----------------------------------------------------------------------------- JSON
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -72,7 +56,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as JSON (sorted keys, indent 2, NaN -> null) via a temp file and rename; return the path."""
     path = Path(path)
     text = json.dumps(to_jsonable(obj), sort_keys=True, indent=2, allow_nan=False)
-    with _atomic(path) as f:
+    with atomic_open(path) as f:
         f.write(text + "\n")
     return path
 
@@ -279,6 +263,10 @@ def _pruning(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
     if prune.get("unprunable_groups"):
         names = ", ".join(f"`{g}`" for g in prune["unprunable_groups"])
         lines += [f"Not prunable ({len(prune['unprunable_groups'])}): {names}", ""]
+    if prune.get("skipped_groups"):
+        lines += [f"Left unpruned because removing their channels broke the model "
+                  f"({len(prune['skipped_groups'])}):", ""]
+        lines += [f"- `{g.get('name')}`: {g.get('reason')}" for g in prune["skipped_groups"]] + [""]
     groups = prune.get("groups") or []
     if groups:
         rows = []
@@ -395,7 +383,7 @@ def _figure(width: float, height: float):
 def _save(fig, path: Path) -> Path:
     """Save `fig` as PNG atomically."""
     fig.tight_layout()
-    with _atomic(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=PLOT_DPI)
     return path
 
@@ -572,7 +560,7 @@ def write_report(report: Mapping, out_dir: str | os.PathLike) -> dict[str, Path]
         else:  # a stale plot from an earlier run would contradict this report
             path.unlink(missing_ok=True)
     md_path = out_dir / "report.md"
-    with _atomic(md_path) as f:
+    with atomic_open(md_path) as f:
         f.write(render_markdown(report, plots, warnings))
     return {"report": md_path, **plots}
 

@@ -23,6 +23,7 @@ def test_prune_half_macs(arch):
     with torch.no_grad():
         assert result.model(x).shape == model(x).shape
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "input model changed"
+    assert result.report["skipped_groups"] == [], f"{arch}: {result.report['skipped_groups']}"  # all removable
 
 
 def test_shufflenet_is_reported_unsupported_with_the_op():

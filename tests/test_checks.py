@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import torch.nn as nn
 
 from pfp_deploy.bench import LatencyStats
-from pfp_deploy.checks import Target, TargetResult, as_target, check_gates, evaluate_report, run_targets
+from pfp_deploy.checks import (Target, TargetResult, as_target, check_gates, check_report, evaluate_report,
+                               run_targets)
 from pfp_deploy.errors import UsageError
 
 ort = pytest.importorskip("onnxruntime")
@@ -164,3 +166,52 @@ def test_bad_target_rows_are_usage_errors():
         as_target({"name": "x", "batch": 0})
     with pytest.raises(UsageError, match="targets"):
         evaluate_report({"rows": []})
+
+
+def test_check_report_requires_the_run_itself_to_have_passed():
+    report = {**_stored_report(), "status": "passed", "exit_code": 0, "checks": []}
+    verdict = check_report(report)
+    assert verdict.passed and verdict.results[0].status == "passed" and not verdict.run_problems
+    for status, code in (("interrupted", 130), ("error", 3), ("running", None), ("passed", 1)):
+        verdict = check_report({**report, "status": status, "exit_code": code})
+        assert not verdict.passed and verdict.results[0].status == "passed"  # the rows alone would pass
+        assert f"status {status!r} and exit_code {code}" in verdict.run_problems[0]
+    failed_accuracy = {**report, "checks": [{"name": "accuracy", "status": "failed", "detail": "drop 3 pts"}]}
+    assert not check_report(failed_accuracy).passed
+
+
+def test_stored_reports_are_validated_before_use():
+    report = _stored_report()
+    report["targets"][0]["pruned"]["p50_ms"] = "abc"
+    with pytest.raises(UsageError, match=r"^r\.json: targets\[0\]\.pruned\.p50_ms must be a number, got 'abc'$"):
+        evaluate_report(report, origin="r.json")
+    with pytest.raises(UsageError, match=r"targets\[0\]\.pruned\.p50_ms must be a number"):
+        evaluate_report(report["targets"])  # the list form of the API too
+    report = _stored_report()
+    report["targets"][0]["gates"] = [{"gate": "p50_ms", "limit": 5.0, "measured": 3.0, "passed": True, "note": 1}]
+    assert evaluate_report(report)[0]  # unknown keys (a newer writer) are ignored, not a TypeError
+    with pytest.raises(UsageError, match="expected a JSON object"):
+        check_report([report["targets"][0]])
+    with pytest.raises(UsageError, match="status is missing; exit_code is missing"):
+        check_report({"targets": []})
+
+
+def test_latency_settings_are_bounded_so_a_benchmark_cannot_hang():
+    import signal
+
+    from helpers.tiny_recipes import tiny_recipe
+    from pfp_deploy.errors import RecipeError
+    from pfp_deploy.recipe import load_recipe
+
+    for key, value, says in (("min_time_s", float("inf"), "finite number"), ("min_time_s", 601, "[0, 600]"),
+                             ("warmup", 10**6, "[0, 1000]"), ("min_runs", 10**6, "[1, 10000]")):
+        recipe = tiny_recipe()
+        recipe["checks"]["latency"][key] = value
+        with pytest.raises(RecipeError, match=rf"checks\.latency\.{key}: .*{re.escape(says)}"):
+            load_recipe(recipe)
+    signal.alarm(60)  # a regression would measure forever
+    try:
+        with pytest.raises(UsageError, match="min_time_s=inf"):
+            run_targets([{"name": "t", "runtime": "torch"}], tiny_cnn(8), tiny_cnn(8), SHAPE, min_time_s=float("inf"))
+    finally:
+        signal.alarm(0)

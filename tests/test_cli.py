@@ -99,6 +99,77 @@ def test_prune_one_shot(tmp_path):
     assert main(["prune", "--model", "resnet20"]) == 2
 
 
+def test_prune_with_a_recipe_applies_keep_and_name_and_refuses_one_shot_flags(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe())
+    args = ["-q", "prune", "--recipe", str(recipe), "--output-dir", str(tmp_path)]
+    assert main(args + ["--keep", "0.7", "--name", "tiny_keep0.7"]) == 0
+    report = json.loads((tmp_path / "tiny_keep0.7" / "report.json").read_text())
+    assert report["prune"]["stages"][0]["achieved"] == pytest.approx(0.7, abs=0.01)  # the recipe says 0.5
+    assert not (tmp_path / "tiny").exists()
+    for flags in (["--model", "vgg_small"], ["--data", "fashion_mnist"], ["--weights", "x.pt", "--keep", "0.3"]):
+        assert main(args + flags) == 2
+        err = capsys.readouterr().err
+        assert "cannot be combined with --recipe" in err and flags[0] in err and "--set" in err
+    assert main(["prune", "--help"]) == 0
+    assert "with --recipe: prune.keep" in " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def _check(tmp_path, report) -> int:
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    return main(["check", "--report", str(path)])
+
+
+def test_check_fails_a_report_whose_run_did_not_pass(runs, tmp_path, capsys):
+    good = json.loads((runs / "runs" / "tiny" / "report.json").read_text())
+    assert _check(tmp_path, good) == 0
+    interrupted = {**good, "status": "interrupted", "exit_code": 130,
+                   "message": "interrupted during stage report; continue with --resume"}
+    assert _check(tmp_path, interrupted) == 1  # every target row passes, but the run never finished
+    out = capsys.readouterr().out
+    assert "status 'interrupted'" in out and "--resume" in out and out.rstrip().splitlines()[-1].startswith("FAILED")
+    assert _check(tmp_path, {**good, "exit_code": 3}) == 1
+    assert _check(tmp_path, {**good, "status": "running", "exit_code": None, "targets": None}) == 1
+    assert _check(tmp_path, {**good, "targets": None}) == 2  # passed but nothing measured (pfp-deploy prune)
+    assert "pfp-deploy benchmark" in capsys.readouterr().err
+
+
+def _broken(good: dict, edit) -> dict:
+    report = json.loads(json.dumps(good))
+    edit(report)
+    return report
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["targets"][0]["pruned"].update(p50_ms="abc"), "targets[0].pruned.p50_ms must be a number, got 'abc'"),
+    (lambda r: r.pop("status"), "status is missing"),
+    (lambda r: r.update(exit_code="0"), "exit_code must be an integer, got '0'"),
+    (lambda r: r.update(targets={"torch-cpu": {}}), "targets must be a list"),
+    (lambda r: r["targets"].append("torch-cpu"), "targets[1] must be an object, got 'torch-cpu'"),
+    (lambda r: r["targets"][0].update(speedup=[2.0]), "targets[0].speedup must be a number, got [2.0]"),
+    (lambda r: r["targets"][0].pop("name"), "targets[0].name is missing"),
+    (lambda r: r["targets"][0].update(status="passd"), "targets[0].status must be one of"),
+    (lambda r: r["targets"][0]["dense"].pop("p90_ms"), "targets[0].dense.p90_ms is missing"),
+    (lambda r: r["targets"][0]["gates"][0].update(passed="yes"), "targets[0].gates[0].passed must be true or false"),
+    (lambda r: r["targets"][0]["target"].update(p50_ms="fast"), "targets[0].target: invalid target 'torch-cpu'"),
+    (lambda r: r.update(checks=[{"status": "failed"}]), "checks[0].name is missing"),
+])
+def test_check_rejects_malformed_reports_naming_the_field(runs, tmp_path, capsys, edit, message):
+    good = json.loads((runs / "runs" / "impossible" / "report.json").read_text())  # has gates to break
+    assert _check(tmp_path, _broken(good, edit)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'report.json'}: ") and message in err, err
+    assert "unexpected" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("document", ["[]", '[{"name": "x"}]', '"passed"', "null", "3"])
+def test_check_rejects_a_report_that_is_not_an_object(tmp_path, capsys, document):
+    (tmp_path / "report.json").write_text(document)
+    assert main(["check", "--report", str(tmp_path / "report.json")]) == 2
+    err = capsys.readouterr().err
+    assert "expected a JSON object" in err and "unexpected" not in err
+
+
 @pytest.mark.parametrize("raised, code, text", [
     (KeyboardInterrupt(), 130, "--resume"),
     (UsageError("output directory x is not writable"), 2, "error: output directory x is not writable"),

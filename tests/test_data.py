@@ -140,6 +140,55 @@ def test_imagefolder_missing_or_empty(tmp_path):
         build_data(DataConfig(format="imagefolder", root=str(tmp_path / "noval")), [1, 3, 32, 32])
 
 
+def _jpeg_tree(root: Path) -> Path:
+    """A 2-class ImageFolder of real JPEGs (noise, so the files are several KB and cutting them hurts)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for j in range(2):
+                pixels = torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{j}.jpg", quality=90)
+    return root
+
+
+def test_truncated_jpeg_fails_in_the_data_stage_naming_the_file(tmp_path):
+    from PIL import Image
+
+    root = _jpeg_tree(tmp_path / "images")
+    cfg = DataConfig(format="imagefolder", root=str(root), batch_size=2)
+    # A valid JPEG with bytes after its end marker (some cameras append data) is not flagged.
+    extra = root / "val" / "dog" / "1.jpg"
+    extra.write_bytes(extra.read_bytes() + b"\0" * 16)
+    build_data(cfg, [1, 3, 32, 32])
+
+    bad = root / "train" / "dog" / "1.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(OSError, match="truncated"):  # what PIL itself says, with no file name
+        with Image.open(bad) as image:
+            image.load()
+    with pytest.raises(DataError, match=r"1 image file\(s\) under .* cannot be decoded") as info:
+        build_data(cfg, [1, 3, 32, 32])
+    assert str(bad) in str(info.value) and "truncated" in str(info.value)
+
+
+def test_image_loader_names_a_file_that_breaks_after_the_data_stage(tmp_path):
+    """A file damaged after the check (or inside a complete file) fails at use, still naming the file."""
+    root = _jpeg_tree(tmp_path / "images")
+    bundle = build_data(DataConfig(format="imagefolder", root=str(root), batch_size=2), [1, 3, 32, 32])
+    bad = root / "train" / "cat" / "0.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    index = next(i for i, (path, _) in enumerate(bundle.calib_dataset.samples) if path == str(bad))
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        bundle.calib_dataset[index]
+    with pytest.raises(DataError, match=str(bad)):
+        list(bundle.calibration_loader(4))
+
+
 # --------------------------------------------------------------------------------- synthetic
 
 def test_synthetic_is_flagged_and_reproducible():

@@ -25,6 +25,7 @@ from pfp_deploy.finetune import (
     lr_factor,
     recalibrate_batchnorm,
 )
+from pfp_deploy.recipe import validate_section
 from pfp_deploy.finetune import _set_rng_state  # private: checked directly for the RNG round trip
 
 
@@ -38,10 +39,19 @@ def loaders(n_train=128, n_val=64, batch=16, generator=True):
     return train, val
 
 
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "nesterov")
+
+
 def config(**overrides) -> FinetuneConfig:
-    base = dict(epochs=1, lr=0.1, weight_decay=0.0, momentum=0.0, scheduler="none")
-    base.update(overrides)
-    return FinetuneConfig(**base)
+    """The recipe's FinetuneConfig from short names: lr=..., optimizer="adamw", distill_alpha=..."""
+    settings = dict(epochs=1, lr=0.1, weight_decay=0.0, momentum=0.0, scheduler="none") | overrides
+    optimizer = {key: settings.pop(key) for key in OPTIMIZER_KEYS if key in settings}
+    if "optimizer" in settings:
+        optimizer["name"] = settings.pop("optimizer")
+    distill = {key: settings.pop(f"distill_{key}") for key in ("alpha", "temperature") if f"distill_{key}" in settings}
+    if distill:
+        distill["enabled"] = distill.get("alpha", 0.5) > 0
+    return FinetuneConfig(optimizer=optimizer, distill=distill, **settings)
 
 
 def run(model, cfg, train=None, val=None, **kwargs):
@@ -63,15 +73,24 @@ class ConstantLogits(nn.Module):
 
 # ------------------------------------------------------------------------------------------- config
 def test_config_from_dict_and_validation():
-    cfg = FinetuneConfig.from_dict({"epochs": "3", "lr": "1e-3", "optimizer": "AdamW", "grad_clip": 1})
-    assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.grad_clip) == (3, 1e-3, "adamw", 1.0)
-    with pytest.raises(UsageError, match='Did you mean "label_smoothing"'):
-        FinetuneConfig.from_dict({"label_smoothin": 0.1})
-    for bad in ({"optimizer": "adam"}, {"scheduler": "step"}, {"lr": -1}, {"distill_alpha": 1.5},
-                {"amp": "yes"}, {"epochs": 2.5}, {"nesterov": True, "momentum": 0.0},
-                {"warmup_epochs": 5, "epochs": 2}, {"early_stop_patience": 0}):
-        with pytest.raises(UsageError):
-            FinetuneConfig.from_dict(bad)
+    cfg = validate_section(FinetuneConfig, {"epochs": "3", "optimizer": {"name": "adamw", "lr": "1e-3"},
+                                            "grad_clip": 1}, "finetune")
+    assert (cfg.epochs, cfg.optimizer.lr, cfg.optimizer.name, cfg.grad_clip) == (3, 1e-3, "adamw", 1.0)
+    with pytest.raises(UsageError, match='finetune.label_smoothin: .*Did you mean "label_smoothing"'):
+        validate_section(FinetuneConfig, {"label_smoothin": 0.1}, "finetune")
+    for bad in ({"optimizer": {"name": "adam"}}, {"scheduler": "step"}, {"optimizer": {"lr": -1}},
+                {"distill": {"alpha": 1.5}}, {"amp": "sometimes"}, {"epochs": 2.5},
+                {"optimizer": {"nesterov": True, "momentum": 0.0}}, {"warmup_epochs": 5, "epochs": 2},
+                {"early_stop_patience": 0}):
+        with pytest.raises(UsageError, match="finetune"):
+            validate_section(FinetuneConfig, bad, "finetune")
+    with pytest.raises(UsageError, match="finetune.epochs"):  # finetune() validates a dict the same way
+        run(tiny_net(), {"epochs": -1})
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch():
+    result = run(tiny_net(), config(epochs=5, eval_every=2))
+    assert [h["val_top1"] is not None for h in result.history] == [False, True, False, True, True]
 
 
 def test_usage_errors_at_start():
@@ -170,7 +189,7 @@ def test_scheduler_steps_per_batch():
     assert seen[5] == pytest.approx(0.2)
     assert seen[12] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
     assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]  # decay and no-decay groups
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.weight_decay, 0.0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.optimizer.weight_decay, 0.0]
 
 
 def test_history_lr_is_last_step_of_epoch():

@@ -11,7 +11,7 @@ from pfp_deploy.errors import CalibrationError, ModelLoadError, PruningError, Ta
 from pfp_deploy.models import resnet20, vgg_small
 from pfp_deploy.pfp import allocation
 from pfp_deploy.pfp.selection import expected_draws, select
-from pfp_deploy.pruning import Plan, apply_plan, count_cost, load_pruned, prune, save_pruned
+from pfp_deploy.pruning import Plan, accepted_deviation, apply_plan, count_cost, load_pruned, prune, save_pruned
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,40 @@ def test_round_to_min_channels_and_overrides(resnet, calib):
 def test_unattainable_target_names_the_floor(resnet, calib):
     with pytest.raises(TargetUnattainableError, match="smallest reachable"):
         prune(resnet, calib, X, keep=0.05, max_prune_ratio=0.5)
+
+
+def test_tolerance_is_relative_for_small_keeps(resnet, calib):
+    """Below keep=0.1 the accepted deviation shrinks with keep (10 % of it at tolerance 0.01)."""
+    assert accepted_deviation(0.5, 0.01) == pytest.approx(0.01)  # absolute: [0.49, 0.51]
+    assert accepted_deviation(0.1, 0.01) == pytest.approx(0.01)
+    assert accepted_deviation(0.005, 0.01) == pytest.approx(0.0005)  # [0.0045, 0.0055]
+    result = prune(resnet, calib, X, keep=0.005)  # used to land 44 % over (0.0072)
+    assert abs(result.report["achieved"] - 0.005) <= 0.0005
+    assert result.report["allowed_deviation"] == pytest.approx(0.0005)
+    # 1e-6 is below what one channel per group costs: an error that names that floor, not a pass
+    with pytest.raises(TargetUnattainableError, match=r"smallest reachable .*\(0\.00\d+ of dense\)"):
+        prune(resnet, calib, X, keep=1e-6, round_to=1, min_channels=1)
+
+
+def test_train_mode_model_is_unchanged_in_every_way(calib):
+    torch.manual_seed(0)
+    model = resnet20(num_classes=10, in_channels=1).train()
+    model.layer1.eval()  # a deliberately frozen part must stay frozen too
+    modes = [m.training for m in model.modules()]
+    before = snapshot(model)  # BatchNorm running statistics included
+    attributes = [attributes_of(m) for m in model.modules()]
+    result = prune(model, calib, X, keep=0.5)
+    assert [m.training for m in model.modules()] == modes
+    assert [m.training for m in result.model.modules()] == modes  # the pruned model keeps them too
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # same objects in every attribute (parameters, buffers, hooks, submodules), nothing added
+    assert [attributes_of(m) for m in model.modules()] == attributes
+    copy.deepcopy(model)
+
+
+def attributes_of(module):
+    """id() of every attribute, and of every entry of the dict-valued ones (_parameters, hooks...)."""
+    return {k: {n: id(x) for n, x in v.items()} if isinstance(v, dict) else id(v) for k, v in vars(module).items()}
 
 
 def test_save_load_roundtrip_and_reprune(resnet, calib, tmp_path):

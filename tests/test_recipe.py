@@ -76,7 +76,7 @@ def test_all_errors_reported_at_once():
 
 
 def test_wrong_types_and_values_name_the_path():
-    assert "finetune.optimizer.lr: must be > 0, got -1" in error_of(with_("finetune", optimizer={"lr": -1}))
+    assert "finetune.optimizer.lr: must be >= 0, got -1" in error_of(with_("finetune", optimizer={"lr": -1}))
     message = error_of(with_("data", format="fashion_mnst"))
     assert "data.format: got 'fashion_mnst'" in message and 'Did you mean "fashion_mnist"?' in message
     assert "finetune.amp: expected 'auto' or a valid boolean, got 'maybe'" in error_of(with_("finetune", amp="maybe"))
@@ -179,10 +179,12 @@ def test_recipe_error_is_a_usage_error():
     assert isinstance(load_recipe(MINIMAL), Recipe)
 
 
-def test_flat_training_config():
+def test_training_config_is_the_loops_config():
     recipe = load_recipe(with_("finetune", optimizer={"name": "adamw", "lr": 0.001},
                                distill={"enabled": True, "alpha": 0.7}))
-    flat = recipe.finetune.flat()
-    assert (flat["optimizer"], flat["lr"], flat["distill_alpha"]) == ("adamw", 0.001, 0.7)
-    assert "distill" not in flat and "eval_every" not in flat
-    assert load_recipe(MINIMAL).finetune.flat()["distill_alpha"] == 0.0  # distillation off by default
+    from pfp_deploy.finetune import FinetuneConfig, distills
+
+    assert isinstance(recipe.finetune, FinetuneConfig)  # one schema: the loop takes the section as is
+    assert (recipe.finetune.optimizer.name, recipe.finetune.optimizer.lr, recipe.finetune.distill.alpha) == \
+        ("adamw", 0.001, 0.7)
+    assert distills(recipe.finetune) and not distills(load_recipe(MINIMAL).finetune)  # off by default

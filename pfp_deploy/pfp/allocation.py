@@ -135,9 +135,9 @@ def allocate(budgets: list[GroupBudget], cost: CostModel, target: float, toleran
     floor = cost(floor_widths)
     if target < floor - tolerance:
         raise TargetUnattainableError(
-            f"the target cost {target:.4g} is below the smallest reachable {floor:.4g} "
-            f"({floor / cost.dense:.1%} of dense) with these min_channels / max_prune_ratio / "
-            "round_to / ignored_layers settings: raise keep or relax the constraints"
+            f"the target cost {target:.4g} ({target / cost.dense:.4g} of dense) is below the smallest "
+            f"reachable {floor:.4g} ({floor / cost.dense:.4g} of dense) with these min_channels / "
+            "max_prune_ratio / round_to / ignored_layers settings: raise keep or relax the constraints"
         )
 
     def widths_at(log_eps: float) -> list[int]:
@@ -146,6 +146,11 @@ def allocate(budgets: list[GroupBudget], cost: CostModel, target: float, toleran
     lo, hi = math.log(EPS_RANGE[0]), math.log(EPS_RANGE[1])
     if cost(widths_at(lo)) <= target:
         hi = lo  # even keeping every live channel fits: start from there and add
+    elif cost(widths_at(hi)) > target:
+        # Even the largest eps keeps more than the target allows: one draw (m = 1) still keeps a
+        # channel for every consumer, above min_channels for groups read by several. Small keeps
+        # (keep = 0.005) live below that, so start from every group's floor and add channels.
+        return _greedy_fill(floor_widths, budgets, cost, target, tolerance), math.exp(hi)
     else:
         for _ in range(200):  # cost is non-increasing in eps: keep cost(hi) <= target < cost(lo)
             mid = 0.5 * (lo + hi)

@@ -24,7 +24,7 @@ def main(out_dir: Path) -> None:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         train = DataLoader(quadrant_data(64, seed=1), batch_size=8, shuffle=True)
         val = DataLoader(quadrant_data(21, seed=2), batch_size=8)
-        cfg = FinetuneConfig(epochs=1, lr=0.1, max_steps_per_epoch=2, seed=3)
+        cfg = FinetuneConfig(epochs=1, optimizer={"lr": 0.1}, max_steps_per_epoch=2, seed=3)
         result = finetune(model, train, val, cfg, dist=ctx, progress=False,
                           checkpoint_dir=out_dir / f"ckpt_rank{ctx.rank}")
         sharded_val = wrap_loader_for_distributed(val, ctx, shuffle=False, even=False)
