@@ -8,60 +8,73 @@ naming the field, never a TypeError from deep inside.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from pfp_deploy.bench import LatencyStats, compare_latency, make_runner
+from pfp_deploy.bench import LatencyStats, compare_latency
 from pfp_deploy.errors import EXIT_OK, RuntimeUnavailableError, UsageError, did_you_mean
-from pfp_deploy.recipe import LatencyConfig, _dotted, _show
+from pfp_deploy.recipe import LatencyConfig, TargetConfig, _dotted, _Problems, _show
+from pfp_deploy.runtimes import get_runtime, make_runner
+from pfp_deploy.report import ACCURACY_STEPS
+
+if TYPE_CHECKING:
+    from pfp_deploy.recipe import Recipe
 
 PASSED, FAILED, SKIPPED, ERROR = "passed", "failed", "skipped", "error"
+# report["accuracy"] steps after pruning, last first: the accuracy gate reads the first one measured.
+# The accuracy steps after pruning, latest first (the order is defined once, in report.ACCURACY_STEPS).
+ACCURACY_FINAL_STEPS = tuple(key for key, _ in reversed(ACCURACY_STEPS) if key != "dense")
 LATENCY_GATES = ("p50_ms", "p90_ms", "p99_ms")
 
 
-class Target(BaseModel):
-    """One deployment target row: where to measure and which limits the pruned model must meet."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    runtime: Literal["torch", "onnxruntime", "openvino"] = "onnxruntime"
-    device: str | None = None  # None: CPU, or for onnxruntime whatever the provider runs on
-    provider: str | None = None
-    batch: int = Field(1, ge=1)
-    threads: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = "LATENCY"
-    p50_ms: float | None = Field(None, gt=0)
-    p90_ms: float | None = Field(None, gt=0)
-    p99_ms: float | None = Field(None, gt=0)
-    min_speedup: float | None = Field(None, gt=0)
-    max_accuracy_drop: float | None = Field(None, ge=0)
-    on_unavailable: Literal["skip", "fail"] = "fail"
+# What a stored row's target keeps when an override dict names only new limits.
+LIMITS = (*LATENCY_GATES, "min_speedup", "max_accuracy_drop", "on_unavailable")
 
 
-def as_target(row: Target | BaseModel | Mapping[str, Any]) -> Target:
-    """A Target from a dict or pydantic model (e.g. a recipe row); bad rows raise UsageError naming the field."""
-    if isinstance(row, Target):
+def as_target(row: TargetConfig | Mapping[str, Any]) -> TargetConfig:
+    """A recipe target (TargetConfig, returned as it is) or a dict validated into one; a bad dict raises
+    UsageError naming each field, with a suggestion for a misspelt key or runtime."""
+    if isinstance(row, TargetConfig):
         return row
-    if isinstance(row, BaseModel):  # e.g. the recipe's own target model
-        row = row.model_dump()
+    if not isinstance(row, Mapping):
+        raise UsageError(f"a target is a TargetConfig or a dict of its fields, got {type(row).__name__}")
     try:
-        return Target.model_validate(dict(row))
+        return TargetConfig.model_validate(dict(row))
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            hint = ""
-            if err["type"] == "extra_forbidden":
-                hint = did_you_mean(loc, Target.model_fields)
-            elif err["type"] == "literal_error":  # e.g. runtime "onnxruntme"
-                hint = did_you_mean(err["input"], get_args(Target.model_fields[loc].annotation))
-            problems.append(f"{loc}: {err['msg']}{hint}")
-        raise UsageError(f"invalid target {dict(row).get('name', '?')!r}: " + "; ".join(problems)) from exc
+        raise UsageError(f"invalid target {row.get('name', '?')!r}: " + "; ".join(_target_problems(exc))) from None
+
+
+def _target_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = _dotted(err["loc"])
+        problem = err.get("ctx", {}).get("error")
+        if isinstance(problem, _Problems):  # the runtime's own checks: device, provider, precision, hint
+            problems += [f"{key}: {msg}" for key, msg in problem.problems]
+        elif err["type"] == "value_error":  # e.g. an unknown runtime, with its suggestion
+            problems.append(f"{loc}: {problem}")
+        elif err["type"] == "extra_forbidden":
+            problems.append(f"{loc}: unknown key.{did_you_mean(loc, TargetConfig.model_fields)}")
+        elif err["type"] == "literal_error":
+            valid = get_args(TargetConfig.model_fields[loc].annotation)
+            problems.append(f"{loc}: got {_show(err['input'])}, {err['msg'][0].lower()}{err['msg'][1:]}."
+                            f"{did_you_mean(err['input'], valid)}")
+        else:
+            problems.append(f"{loc}: {err['msg']}")
+    return problems
+
+
+def _stored_target(target: Mapping[str, Any]) -> dict:
+    """A stored row's target as TargetConfig fields. Reports written before precision and hint were
+    checked per runtime store hint "LATENCY" on every row; off OpenVINO it meant nothing, so it goes."""
+    target = dict(target)
+    if target.get("hint") == "LATENCY" and target.get("runtime") in ("torch", "onnxruntime"):
+        target.pop("hint")
+    return target
 
 
 @dataclass
@@ -114,7 +127,7 @@ class TargetResult:
         return cls(**known, **stats, gates=gates)
 
 
-def check_gates(target: Target, pruned: LatencyStats | None, speedup: float | None,
+def check_gates(target: TargetConfig, pruned: LatencyStats | None, speedup: float | None,
                 accuracy_drop: float | None) -> list[GateCheck]:
     """Compare each limit the target sets with the measured value; unset limits are not checked."""
     checks = []
@@ -132,7 +145,7 @@ def check_gates(target: Target, pruned: LatencyStats | None, speedup: float | No
     return checks
 
 
-def _apply_gates(result: TargetResult, target: Target) -> TargetResult:
+def _apply_gates(result: TargetResult, target: TargetConfig) -> TargetResult:
     result.gates = check_gates(target, result.pruned, result.speedup, result.accuracy_drop)
     failed = [g.describe() for g in result.gates if not g.passed]
     if failed:
@@ -142,7 +155,7 @@ def _apply_gates(result: TargetResult, target: Target) -> TargetResult:
     return result
 
 
-def _unavailable(result: TargetResult, target: Target, why: str) -> TargetResult:
+def _unavailable(result: TargetResult, target: TargetConfig, why: str) -> TargetResult:
     result.unavailable = why
     if target.on_unavailable == "skip":
         result.status, result.reason = SKIPPED, f"skipped: {why}"
@@ -162,11 +175,12 @@ def _accuracy_drop(accuracy: Mapping[str, Any] | None, runtime: str) -> float | 
 
 
 def run_targets(
-    targets: Iterable[Target | Mapping[str, Any]],
+    targets: Iterable[TargetConfig | Mapping[str, Any]],
     dense_model: torch.nn.Module | None,
     pruned_model: torch.nn.Module | None,
     example_input_shape: Sequence[int],
     *,
+    files: Mapping[str, str | os.PathLike] | None = None,
     dense_onnx: str | os.PathLike | None = None,
     pruned_onnx: str | os.PathLike | None = None,
     dense_openvino: str | os.PathLike | None = None,
@@ -181,15 +195,19 @@ def run_targets(
 ) -> list[TargetResult]:
     """Measure dense vs pruned for each target (batch from the target) and check its gates.
 
+    Each target's runtime runs the torch models, or the exported files of its export format: `files`
+    maps "<dense|pruned>_<format>" to a path (as report["export"]["files"] does, e.g. "pruned_onnx");
+    dense_onnx=... and the other three keywords are the same for the built-in formats.
     A target that fails or errors never stops the others; on_result is called after each one.
     warmup, min_runs and min_time_s have the recipe's bounds (checks.latency): no endless measurement."""
     targets = [as_target(t) for t in targets]  # validate every row before spending time measuring
     _check_timing(warmup=warmup, min_runs=min_runs, min_time_s=min_time_s)
+    named = {"dense_onnx": dense_onnx, "pruned_onnx": pruned_onnx, "dense_openvino": dense_openvino,
+             "pruned_openvino": pruned_openvino}
+    files = {**{k: v for k, v in named.items() if v is not None}, **(files or {})}
     results = []
     for target in targets:
-        result = _run_one(target, dense_model, pruned_model, example_input_shape,
-                          {"dense": (dense_onnx, dense_openvino), "pruned": (pruned_onnx, pruned_openvino)},
-                          macs_ratio, accuracy,
+        result = _run_one(target, dense_model, pruned_model, example_input_shape, files, macs_ratio, accuracy,
                           dict(warmup=warmup, min_runs=min_runs, min_time_s=min_time_s, rounds=rounds))
         results.append(result)
         if on_result is not None:
@@ -208,12 +226,13 @@ def _check_timing(**timing: Any) -> None:
 def _run_one(target, dense_model, pruned_model, shape, files, macs_ratio, accuracy, timing) -> TargetResult:
     result = TargetResult(name=target.name, status=ERROR, reason="", target=target.model_dump(),
                           macs_ratio=macs_ratio, accuracy_drop=_accuracy_drop(accuracy, target.runtime))
+    fmt = get_runtime(target.runtime).export_format  # what it runs: the torch model, or that export
     try:
         runners = {}
         for role, model in (("dense", dense_model), ("pruned", pruned_model)):
-            onnx_path, xml_path = files[role]
-            runners[role] = make_runner(target.runtime, model=model, onnx_path=onnx_path, openvino_xml=xml_path,
-                                        device=target.device, provider=target.provider, threads=target.threads,
+            source = model if fmt is None else files.get(f"{role}_{fmt}")
+            runners[role] = make_runner(target.runtime, source=source, device=target.device,
+                                        provider=target.provider, threads=target.threads,
                                         precision=target.precision, hint=target.hint)
         # Same seeded input for every target so runs are repeatable.
         x = torch.randn(target.batch, *shape[1:], generator=torch.Generator().manual_seed(0))
@@ -231,11 +250,13 @@ def _run_one(target, dense_model, pruned_model, shape, files, macs_ratio, accura
 
 
 def evaluate_report(report: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-                    targets: Iterable[Target | Mapping[str, Any]] | None = None,
+                    targets: Iterable[TargetConfig | Mapping[str, Any]] | None = None,
                     *, origin: str = "report") -> tuple[bool, list[TargetResult]]:
     """Re-check gates from a stored report ({"targets": [TargetResult.to_dict(), ...]} or the list itself).
 
-    `targets` (matched by name) replaces the stored limits. Passed means no row failed or errored.
+    `targets` (matched by name) replaces the stored limits: a TargetConfig as it is; a dict's missing
+    non-limit fields (runtime, device, ...) come from the stored row, so {"name": "cpu", "p50_ms": 2}
+    tightens one gate. Passed means no row failed or errored.
     Rows are validated first: a malformed one raises UsageError "<origin>: targets[i].<field> ..."."""
     rows = report.get("targets") if isinstance(report, Mapping) else report
     if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
@@ -244,12 +265,20 @@ def evaluate_report(report: Mapping[str, Any] | Sequence[Mapping[str, Any]],
         _STORED_ROWS.validate_python(list(rows))
     except ValidationError as exc:
         raise UsageError(f"{origin}: " + "; ".join(_stored_problems(exc, ("targets",)))) from None
-    overrides = {t.name: t for t in (as_target(t) for t in targets or [])}
+    overrides = {}
+    for t in targets or []:
+        if not isinstance(t, (TargetConfig, Mapping)):
+            raise UsageError(f"a target is a TargetConfig or a dict of its fields, got {type(t).__name__}")
+        overrides[t.name if isinstance(t, TargetConfig) else t.get("name")] = t
     results = []
     for i, row in enumerate(rows):
         result = TargetResult.from_dict(row)
         try:
-            target = overrides.get(result.name) or as_target(result.target)
+            stored = _stored_target(result.target)
+            override = overrides.get(result.name)
+            if isinstance(override, Mapping):
+                override = {**{k: v for k, v in stored.items() if k not in LIMITS}, **override}
+            target = as_target(override if override is not None else stored)
         except UsageError as exc:
             raise UsageError(f"{origin}: targets[{i}].target: {exc}") from None
         result.target = target.model_dump()
@@ -261,6 +290,49 @@ def evaluate_report(report: Mapping[str, Any] | Sequence[Mapping[str, Any]],
             _apply_gates(result, target)
         results.append(result)
     return all(r.status in (PASSED, SKIPPED) for r in results), results
+
+
+# --------------------------------------------------------------------------------- the checks table
+
+def gate_checks(recipe: Recipe, report: Mapping) -> list[dict]:
+    """The checks table of a run's report: accuracy drop, export parity and the deployment targets
+    (their gates re-derived from the stored rows)."""
+    checks = [accuracy_check(recipe, report)]
+    parity = (report.get("export") or {}).get("parity") or {}
+    if parity:
+        warned = [role for role, p in parity.items() if p.get("status") != "pass"]
+        checks.append({"name": "parity", "status": "warning" if warned else PASSED,
+                       "detail": f"outside tolerance (on_breach: warn): {', '.join(warned)}" if warned
+                       else f"{', '.join(parity)} within atol {recipe.export.parity.atol}, "
+                            f"rtol {recipe.export.parity.rtol}"})
+    targets = report.get("targets")
+    if targets is None:
+        checks.append({"name": "targets", "status": SKIPPED, "detail": "not run"})
+    elif targets:
+        passed, results = evaluate_report({"targets": targets})
+        bad = [f"{r.name}: {r.reason}" for r in results if r.status not in (PASSED, SKIPPED)]
+        checks.append({"name": "targets", "status": PASSED if passed else FAILED,
+                       "detail": "; ".join(bad) or f"{len(results)} target(s) passed or skipped"})
+    return checks
+
+
+def accuracy_check(recipe: Recipe, report: Mapping) -> dict:
+    """checks.accuracy: dense minus the last measured step's accuracy (percentage points) against max_drop."""
+    cfg, acc = recipe.checks.accuracy, report.get("accuracy") or {}
+    dense = (acc.get("dense") or {}).get(cfg.metric)
+    step = next((k for k in ACCURACY_FINAL_STEPS if acc.get(k)), None)
+    final = acc[step].get(cfg.metric) if step else None
+    check = {"name": "accuracy", "status": SKIPPED}
+    if cfg.max_drop is None:
+        return {**check, "detail": "no limit (checks.accuracy.max_drop is null)"}
+    if dense is None or final is None:
+        return {**check, "detail": f"{cfg.metric} not measured"}
+    drop = dense - final
+    detail = (f"{cfg.metric} {dense:.2f} % -> {final:.2f} % ({step.replace('_', ' ')}): drop {drop:.2f} pts, "
+              f"limit {cfg.max_drop} pts")
+    if (report.get("data") or {}).get("meaningful_accuracy") is False:
+        return {**check, "detail": f"synthetic data, accuracy not meaningful: {detail}"}
+    return {**check, "status": PASSED if drop <= cfg.max_drop else FAILED, "detail": detail}
 
 
 # --------------------------------------------------------------------------------- stored reports

@@ -22,10 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pfp_deploy.errors import DataError, PruningError
+from pfp_deploy.recipe import DEFAULT_FASHION_MNIST_ROOT
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ROOT = DEFAULT_FASHION_MNIST_ROOT  # Debian's dataset-fashion-mnist (one definition, in recipe)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

@@ -72,7 +72,13 @@ class TrainingError(PFPDeployError):
     """Fine-tuning diverged (NaN loss) or failed."""
 
 
+def closest(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name closest to `name`, or None when none is close: the one did-you-mean rule."""
+    match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """' Did you mean "x"?' when a close match exists, else ''."""
-    match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
-    return f' Did you mean "{match[0]}"?' if match else ""
+    match = closest(name, valid)
+    return f' Did you mean "{match}"?' if match else ""

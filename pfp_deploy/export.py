@@ -4,13 +4,12 @@ onnx, onnxruntime and openvino are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,20 +17,9 @@ import torch
 from pfp_deploy.bench import Runner, flatten_outputs, make_runner
 from pfp_deploy.errors import ExportError, ShapeMismatchError, UsageError
 from pfp_deploy.fileio import atomic_path, replace_into
+from pfp_deploy.modes import eval_mode
 
 DYNAMO_MIN_OPSET = 18
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -49,7 +37,7 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
     input_names, output_names = list(input_names), list(output_names)
     example_input = example_input.detach()
     dynamo_error = None
-    with _eval_mode(model), atomic_path(path) as tmp:
+    with eval_mode(model), atomic_path(path) as tmp:
         if opset >= DYNAMO_MIN_OPSET:
             try:
                 dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
@@ -229,7 +217,7 @@ def check_parity(model: torch.nn.Module, samples: torch.Tensor, onnx_path: str |
         raise UsageError("check_parity needs onnx_path and/or openvino_xml")
     samples = samples.detach().float().cpu()
     device = next(model.parameters(), torch.empty(0)).device
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         reference = [t.double().cpu().numpy() for t in flatten_outputs(model(samples.to(device)))]
     labels_np = labels.cpu().numpy() if labels is not None else None
     ref_top1 = _top1(reference[0])

@@ -114,6 +114,17 @@ def replace_into(source: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(source, target)
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (checkpoints and exports can be 100s of MB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Delete the `.*.tmp` files an interrupted run left under `directory` (for --resume)."""
     removed = []

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .distributed import (DistContext, ShardSampler, all_reduce_max, all_reduce_sum, average_buffers,
                           wrap_loader_for_distributed)
 from .fileio import torch_save_atomic
+from .modes import restore_modes, saved_modes
 from .errors import DataError, ModelLoadError, TrainingError, UsageError
 from .recipe import FinetuneConfig, TrainConfig, validate_section
 
@@ -139,16 +140,6 @@ def _inputs_of(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    # Per-module flags, so a deliberately frozen (eval-mode) submodule stays that way afterwards.
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
-
-
 def _resolve_amp(amp: str | bool, device: torch.device) -> bool:
     if amp == "auto":
         return device.type == "cuda"
@@ -249,7 +240,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     loader that shards the data (each rank's own part) and every rank gets the global numbers.
     """
     device = torch.device(device)
-    modes = _module_modes(model)
+    modes = saved_modes(model)
     model.eval()
     correct = torch.zeros(len(topk), dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -268,7 +259,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
                 correct[i] += hits[:, :k].any(dim=1).sum()
             count += targets.numel()
     finally:
-        _restore_modes(modes)
+        restore_modes(model, modes)
     if dist is not None and dist.active:
         sums = torch.cat([correct, loss_sum[None], count[None]])
         all_reduce_sum(sums)
@@ -298,7 +289,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_samples: int,
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or num_samples <= 0:
         return 0
-    modes = _module_modes(model)
+    modes = saved_modes(model)
     momenta = [m.momentum for m in norms]
     seen = 0
     try:
@@ -318,7 +309,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_samples: int,
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        _restore_modes(modes)
+        restore_modes(model, modes)
     if seen == 0:
         raise DataError("BatchNorm re-calibration got no samples: the loader is empty.")
     return seen
@@ -389,7 +380,7 @@ def finetune(
         if record["val_top1"] is not None and (best_top1 is None or record["val_top1"] > best_top1):
             best_epoch, best_top1 = record["epoch"], record["val_top1"]
 
-    teacher_modes = _module_modes(teacher) if teacher is not None else []
+    teacher_modes = saved_modes(teacher) if teacher is not None else []
     if teacher is not None:
         teacher.to(device).eval()
     train_model: nn.Module = model
@@ -442,7 +433,8 @@ def finetune(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
     finally:
-        _restore_modes(teacher_modes)
+        if teacher is not None:
+            restore_modes(teacher, teacher_modes)
 
     return FinetuneResult(history=history, best_epoch=best_epoch, best_top1=best_top1,
                           final=dict(history[-1]) if history else {}, resumed_from=resumed_from,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from pfp_deploy.errors import ModelLoadError, did_you_mean
+from pfp_deploy.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +388,17 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
 def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state_dict (weights_only=True), unwrapping {"state_dict": ...}/{"model": ...} and DDP 'module.'."""
     path = Path(path)
+    card = _weights_card(path)
     if not path.is_file():
-        raise ModelLoadError(f"Checkpoint {path} does not exist. Check model.path / model.weights.")
+        remake = f" It is made by `{card['command']}` (see {path.with_suffix('.json')})." if card else ""
+        raise ModelLoadError(f"Checkpoint {path} does not exist. Check model.path / model.weights.{remake}")
+    if card and isinstance(card.get("sha256"), str):
+        actual = file_sha256(path)
+        if actual != card["sha256"]:
+            raise ModelLoadError(
+                f"Checkpoint {path} is not the file its card {path.with_suffix('.json')} describes (sha256 "
+                f"{actual[:12]}..., expected {card['sha256'][:12]}...): it is corrupt or was replaced. "
+                f"Recreate it with `{card.get('command', 'the command in the card')}` or restore it from git.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickled modules, corrupt or non-torch files
@@ -405,6 +416,19 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _weights_card(path: Path) -> dict | None:
+    """The JSON card shipped beside a checkpoint (weights/<name>.json: sha256, command, accuracy), if
+    any. Read as data; a card that is not small plain JSON is ignored."""
+    card = path.with_suffix(".json")
+    try:
+        if not card.is_file() or card.stat().st_size > 1 << 20:
+            return None
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("command", ""), str) else None
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Any = "checkpoint") -> None:

@@ -31,17 +31,17 @@ import torch
 from torch import nn
 
 from pfp_deploy.bench import hardware_fingerprint
-from pfp_deploy.checks import FAILED, PASSED, SKIPPED, evaluate_report, run_targets
+from pfp_deploy.checks import ACCURACY_FINAL_STEPS, FAILED, PASSED, gate_checks, run_targets
 from pfp_deploy.data import DataBundle, build_data, calibration_size
 from pfp_deploy.distributed import (DistContext, all_reduce_max, barrier, cleanup, init_distributed,
                                     wrap_loader_for_distributed)
 from pfp_deploy.errors import (EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, PFPDeployError,
                                RuntimeUnavailableError, UsageError, did_you_mean)
-from pfp_deploy.fileio import FileLock, LockedError, remove_stale_temps, write_text_atomic
+from pfp_deploy.fileio import FileLock, LockedError, file_sha256, remove_stale_temps, write_text_atomic
 from pfp_deploy.finetune import evaluate, finetune, recalibrate_batchnorm
 from pfp_deploy.models import BUILTIN_MODELS, build_model
 from pfp_deploy.pfp import sensitivity as pfp_sensitivity
-from pfp_deploy.pruning import Plan, count_cost, load_pruned, prune, save_pruned
+from pfp_deploy.pruning import Plan, count_cost, load_pruned, prune, reconstruct_layers, save_pruned
 from pfp_deploy.recipe import Recipe, load_recipe, read_yaml
 from pfp_deploy.report import to_jsonable, write_json_atomic, write_report
 
@@ -51,7 +51,6 @@ STATE_FILE = "state.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 # Recipe keys that may differ on --resume: they say where things are, not what is computed.
 RESUME_MAY_CHANGE = ("data.root", "data.num_workers")
-ACCURACY_FINAL_STEPS = ("finetuned", "bn_recalibrated", "pruned_only")
 
 
 class ChecksFailedError(PFPDeployError):
@@ -538,11 +537,14 @@ def prune_cascade(run: Run, recipe: Recipe, dense: nn.Module, data: DataBundle, 
 
 def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Module, plan: Plan,
                dense: nn.Module, data: DataBundle, calibration, progress: bool) -> tuple[nn.Module, Plan, dict]:
-    """Score `model`, prune it to `keep` x the dense cost, re-estimate BatchNorm statistics."""
+    """Score `model`, prune it to `keep` x the dense cost, reconstruct, re-estimate BatchNorm.
+
+    The accuracy after each repair is measured (pruned_only, reconstructed, bn_recalibrated), so
+    the report shows what each one bought."""
     cfg, dist = recipe.prune, run.dist
     example = example_input(recipe, dist.device)
     dense_cost = cost(dense, example, cfg.metric)
-    current = cost(model, example, cfg.metric) / dense_cost
+    current = cost(model, example, cfg.metric) / dense_cost  # a cascade step starts below 1
     started = time.perf_counter()
     scores = sensitivities(model, calibration, progress)
     seconds = time.perf_counter() - started
@@ -551,23 +553,33 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
                    max_prune_ratio=cfg.max_prune_ratio, ignored_layers=cfg.ignored_layers,
                    overrides={k: v.model_dump(exclude_none=True) for k, v in cfg.overrides.items()},
                    seed=cfg.seed, tolerance=cfg.tolerance / current,
-                   delta=cfg.delta, c=cfg.c, K=cfg.K, sensitivities=scores)
+                   delta=cfg.delta, c=cfg.c, K=cfg.K, sensitivities=scores, reconstruct="none")
     pruned = result.model
     run.write_json(f"checkpoints/sensitivity{step}.json", scores)
     macs, params = count_cost(pruned, example)
+    achieved = (macs if cfg.metric == "macs" else params) / dense_cost
     accuracies = {"pruned_only": accuracy(pruned, data, dist)}
-    log.info("step %d: pruned to %.3f of the dense %s; top-1 %.2f %% before BN re-calibration", step,
-             cost(pruned, example, cfg.metric) / dense_cost, cfg.metric, accuracies["pruned_only"]["top1"])
+    log.info("step %d: pruned to %.3f of the dense %s; top-1 %.2f %% before repairs", step, achieved,
+             cfg.metric, accuracies["pruned_only"]["top1"])
+    repaired = {"method": "none"}
+    if cfg.reconstruct.method != "none":  # every rank: the Gram matrices are summed across ranks
+        started = time.perf_counter()
+        repaired = reconstruct_layers(model, pruned, calibration, cfg.reconstruct, plan=result.plan,
+                                      example_inputs=example, progress=progress).to_dict()
+        result.report["seconds"]["reconstruction"] = round(time.perf_counter() - started, 4)
+        accuracies["reconstructed"] = accuracy(pruned, data, dist)
+        log.info("step %d: top-1 %.2f %% after least-squares reconstruction", step,
+                 accuracies["reconstructed"]["top1"])
     if cfg.bn_recalibration_samples:
         loader = data.calibration_loader(cfg.bn_recalibration_samples, seed=recipe.data.seed + step)
         recalibrate_batchnorm(pruned, loader, cfg.bn_recalibration_samples, dist.device)
         accuracies["bn_recalibrated"] = accuracy(pruned, data, dist)
         log.info("step %d: top-1 %.2f %% after BN re-calibration", step, accuracies["bn_recalibrated"]["top1"])
     report = {"keep": keep, "keep_relative": result.report["target"], "epsilon": result.report["epsilon"],
-              "achieved": cost(pruned, example, cfg.metric) / dense_cost, "macs": macs, "params": params,
+              "achieved": achieved, "macs": macs, "params": params,
               "seconds": {**result.report["seconds"], "sensitivity": round(seconds, 4)},
               "groups": result.report["groups"], "unscored_groups": result.report["unscored_groups"],
-              "skipped_groups": result.report.get("skipped_groups", []),
+              "skipped_groups": result.report.get("skipped_groups", []), "reconstruction": repaired,
               "accuracy": accuracies}
     return pruned, plan.then(result.plan), {"report": report, "accuracy": accuracies}
 
@@ -668,11 +680,7 @@ def artifact_sha256(path: Path, chunk: int = 1 << 20) -> str:
             return digest.hexdigest()
         except Exception:  # noqa: BLE001 - unreadable: hash the bytes (and the mismatch names the file)
             pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path, chunk)
 
 
 def _hash_payload(digest: Any, obj: Any) -> None:
@@ -748,8 +756,7 @@ def benchmark_targets(run: Run, recipe: Recipe, dense: nn.Module, pruned: nn.Mod
         log.info("target %s: %s", result.name, result.reason)
 
     results = run_targets(targets, dense.cpu(), pruned.cpu(), recipe.model.input_shape,
-                          dense_onnx=files.get("dense_onnx"), pruned_onnx=files.get("pruned_onnx"),
-                          dense_openvino=files.get("dense_openvino"), pruned_openvino=files.get("pruned_openvino"),
+                          files=files,  # "<role>_<format>": each target's runtime picks its export format
                           macs_ratio=model["macs_dense"] / model["macs_pruned"] if model.get("macs_pruned") else None,
                           accuracy={"dense": top1["dense"], "pruned": final},
                           warmup=latency.warmup, min_runs=latency.min_runs, min_time_s=latency.min_time_s,
@@ -767,45 +774,6 @@ def select_targets(recipe: Recipe, names: Iterable[str] | None) -> list:
             raise UsageError(f"the recipe has no target {name!r}.{did_you_mean(name, known)} "
                              f"Targets: {', '.join(known) or '(none)'}")
     return [t for t in targets if t.name in set(names)]
-
-
-def gate_checks(recipe: Recipe, report: Mapping) -> list[dict]:
-    """The checks table: accuracy drop, export parity and the deployment targets."""
-    checks = [accuracy_check(recipe, report)]
-    parity = (report.get("export") or {}).get("parity") or {}
-    if parity:
-        warned = [role for role, p in parity.items() if p.get("status") != "pass"]
-        checks.append({"name": "parity", "status": "warning" if warned else PASSED,
-                       "detail": f"outside tolerance (on_breach: warn): {', '.join(warned)}" if warned
-                       else f"{', '.join(parity)} within atol {recipe.export.parity.atol}, "
-                            f"rtol {recipe.export.parity.rtol}"})
-    targets = report.get("targets")
-    if targets is None:
-        checks.append({"name": "targets", "status": SKIPPED, "detail": "not run"})
-    elif targets:
-        passed, results = evaluate_report({"targets": targets})
-        bad = [f"{r.name}: {r.reason}" for r in results if r.status not in (PASSED, SKIPPED)]
-        checks.append({"name": "targets", "status": PASSED if passed else FAILED,
-                       "detail": "; ".join(bad) or f"{len(results)} target(s) passed or skipped"})
-    return checks
-
-
-def accuracy_check(recipe: Recipe, report: Mapping) -> dict:
-    cfg, acc = recipe.checks.accuracy, report.get("accuracy") or {}
-    dense = (acc.get("dense") or {}).get(cfg.metric)
-    step = next((k for k in ACCURACY_FINAL_STEPS if acc.get(k)), None)
-    final = acc[step].get(cfg.metric) if step else None
-    check = {"name": "accuracy", "status": SKIPPED}
-    if cfg.max_drop is None:
-        return {**check, "detail": "no limit (checks.accuracy.max_drop is null)"}
-    if dense is None or final is None:
-        return {**check, "detail": f"{cfg.metric} not measured"}
-    drop = dense - final
-    detail = (f"{cfg.metric} {dense:.2f} % -> {final:.2f} % ({step.replace('_', ' ')}): drop {drop:.2f} pts, "
-              f"limit {cfg.max_drop} pts")
-    if (report.get("data") or {}).get("meaningful_accuracy") is False:
-        return {**check, "detail": f"synthetic data, accuracy not meaningful: {detail}"}
-    return {**check, "status": PASSED if drop <= cfg.max_drop else FAILED, "detail": detail}
 
 
 # ---------------------------------------------------------------------------- standalone run-dir commands

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .fileio import torch_save_atomic
+from .modes import eval_mode, restore_modes, saved_modes
+from .recipe import ReconstructConfig, validate_section
 from .errors import ModelLoadError, PruningError, TargetUnattainableError, UsageError, did_you_mean
 from .pfp import allocation
 from .pfp.groups import (ChannelGroup, build_graph, channel_scores, collect_groups, consumer_scores,
@@ -89,15 +91,12 @@ def _positions(model: nn.Module, example_inputs) -> dict[nn.Module, float]:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
             handles.append(m.register_forward_hook(hook))
-    modes = _modes(model)
-    model.eval()  # a train-mode forward would update BatchNorm running statistics
-    try:
-        with torch.no_grad():
+    try:  # eval: a train-mode forward would update BatchNorm running statistics
+        with eval_mode(model), torch.no_grad():
             _forward(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        _restore_modes(model, modes)
     return found
 
 
@@ -152,24 +151,6 @@ def _forward(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
-def _modes(model: nn.Module) -> list[bool]:
-    """Every module's train/eval flag, in model.modules() order (the same order in a copy)."""
-    return [m.training for m in model.modules()]
-
-
-def _restore_modes(model: nn.Module, modes: list[bool]) -> None:
-    """Put every module's train/eval flag back to `modes` (per module: a frozen submodule stays so).
-
-    train() runs first so that modules whose train() drops what they cache in eval mode (timm
-    LeViT's attention-bias cache) forget tensors an eval forward stored: after torch-pruning's
-    traced forward those are attached to the autograd graph (deepcopy refuses them) and after
-    removal they are sized for the unpruned layers.
-    """
-    model.train()
-    for module, training in zip(model.modules(), modes):
-        module.training = training
-
-
 def _graph_tensors(value, depth: int = 0):
     """Tensors attached to an autograd graph in a module attribute (or a dict/list/tuple of them)."""
     if isinstance(value, torch.Tensor):
@@ -217,13 +198,8 @@ def _output_shapes(output) -> list:
 
 def _run_eval(model: nn.Module, example_inputs):
     """A no-grad forward in eval mode; every module's flag comes back afterwards."""
-    modes = _modes(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _forward(model, example_inputs)
-    finally:
-        _restore_modes(model, modes)
+    with eval_mode(model), torch.no_grad():
+        return _forward(model, example_inputs)
 
 
 def _check_example_inputs(model: nn.Module, example_inputs) -> list:
@@ -329,6 +305,7 @@ def prune(
     delta: float = allocation.DELTA,
     c: float = allocation.C_CONST,
     K: float = allocation.K_CONST,
+    reconstruct: str | Mapping | ReconstructConfig = "least_squares",
     sensitivities: dict[str, torch.Tensor] | None = None,
     importance: Callable | None = None,
     progress: bool = False,
@@ -352,6 +329,13 @@ def prune(
     the reachable floor (each group at its min_channels / max_prune_ratio / round_to, ignored and
     skipped groups at full width) raises TargetUnattainableError naming that floor.
 
+    `reconstruct` repairs the pruned model without training (pfp_deploy.reconstruction): by default
+    ("least_squares") every pruned Conv2d/Linear, and every one downstream, is refit by ridge least
+    squares so that its outputs on `calibration` match the dense model's (report["reconstruction"]:
+    per layer, the relative error before and after). "none" is the paper's method, prune only. A
+    dict / ReconstructConfig sets ridge, layers, max_memory_mb, underdetermined (recipe
+    prune.reconstruct). `calibration` is then read again: pass a list or a DataLoader.
+
     Every removal is verified: the pruned model must run on `example_inputs` and give outputs
     shaped like the dense model's. A group torch-pruning cannot remove correctly (found when the
     groups are built, or by that check) is left unpruned, the budget is re-allocated over the
@@ -359,6 +343,8 @@ def prune(
     layer in `ignored_layers` skips it without the note.
     """
     _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio)
+    repair = validate_section(ReconstructConfig, {"method": reconstruct} if isinstance(reconstruct, str)
+                              else reconstruct, "reconstruct")
     if not (0 < delta < 1 and c > 0 and K > 0):
         raise UsageError(f"need 0 < delta < 1, c > 0 and K > 0; got delta={delta}, c={c}, K={K}")
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
@@ -366,7 +352,7 @@ def prune(
     timings = {}
     t0 = time.perf_counter()
     work = _private_copy(model)  # everything below runs on this copy: the model given stays as it is
-    modes = _modes(work)
+    modes = saved_modes(work)
     reference = _check_example_inputs(work, example_inputs)
 
     start = time.perf_counter()
@@ -376,7 +362,7 @@ def prune(
 
     start = time.perf_counter()
     graph = build_graph(work, example_inputs)
-    _restore_modes(work, modes)  # torch-pruning's trace left every module in eval() and may have filled caches
+    restore_modes(work, modes)  # torch-pruning's trace left every module in eval() and may have filled caches
     ignored = output_layers(graph) + resolve_names(work, ignored_layers, "ignored_layers")
     groups, unscored, skipped = collect_groups(work, graph, ignored)
     if not groups:
@@ -441,10 +427,16 @@ def prune(
             "full width): " + ("raise keep or relax those settings" if below else
                                "raise tolerance or lower round_to") + _skipped_note(skipped)
         )
-    timings["total"] = time.perf_counter() - t0
     stage = {"keep": keep, "metric": metric, "variant": variant, "epsilon": eps, "seed": seed,
              "importance": None if importance is None else getattr(importance, "__name__", type(importance).__name__),
              "groups": stage_groups}
+    repaired = None
+    if repair.method != "none":
+        start = time.perf_counter()
+        repaired = reconstruct_layers(work, pruned, calibration, repair, plan=Plan([stage]),
+                                      example_inputs=example_inputs, progress=progress)
+        timings["reconstruction"] = time.perf_counter() - start
+    timings["total"] = time.perf_counter() - t0
     report = {
         "keep": keep, "metric": metric, "variant": variant, "epsilon": eps,
         "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1,
@@ -455,8 +447,18 @@ def prune(
         "unscored_groups": unscored,
         "skipped_groups": skipped,
         "calibration_layers": len(sensitivities),
+        "reconstruction": repaired.to_dict() if repaired is not None else {"method": "none"},
     }
     return PruneResult(model=pruned, plan=Plan([stage]), report=report, sensitivities=sensitivities)
+
+
+def reconstruct_layers(dense: nn.Module, pruned: nn.Module, calibration: Iterable, config: ReconstructConfig,
+                       **kwargs):
+    """pfp_deploy.reconstruction.reconstruct with a recipe's prune.reconstruct settings (in place)."""
+    from .reconstruction import reconstruct  # lazy: the module is large and prune(reconstruct="none") skips it
+
+    return reconstruct(dense, pruned, calibration, ridge=config.ridge, layers=config.layers,
+                       max_memory_mb=config.max_memory_mb, underdetermined=config.underdetermined, **kwargs)
 
 
 # Below this keep an absolute tolerance is meaningless (1 % of the dense cost is twice the whole
@@ -547,9 +549,9 @@ class _BrokenGroups(Exception):
 def _traced_copy(model: nn.Module, example_inputs):
     """A private copy of `model`, its dependency graph and its modules by name."""
     pruned = _private_copy(model)
-    modes = _modes(pruned)
+    modes = saved_modes(pruned)
     graph = build_graph(pruned, example_inputs)
-    _restore_modes(pruned, modes)  # the trace switched every module to eval() and may have filled caches
+    restore_modes(pruned, modes)  # the trace switched every module to eval() and may have filled caches
     return pruned, graph, dict(pruned.named_modules())
 
 

@@ -19,7 +19,8 @@ PLOT_DPI = 110
 MAX_GROUP_ROWS = 20  # more groups than this: the width table goes under <details>
 MAX_BAR_LABELS = 40  # more groups than this: widths.png becomes a profile with sparse labels
 MAX_SUMMARY_TARGETS = 12
-ACCURACY_STEPS = (("dense", "Dense"), ("pruned_only", "Pruned only"),
+# The accuracy steps of a run, in order (defined once: the pipeline's "final accuracy" is the last one run).
+ACCURACY_STEPS = (("dense", "Dense"), ("pruned_only", "Pruned only"), ("reconstructed", "+ Reconstruction"),
                   ("bn_recalibrated", "+ BN recalibration"), ("finetuned", "+ Fine-tune"))
 STATUS_BADGE = {"passed": "✅ PASSED", "failed": "❌ FAILED", "error": "💥 ERROR",
                 "interrupted": "⏸️ INTERRUPTED", "skipped": "⏭️ SKIPPED"}
@@ -257,9 +258,10 @@ def _pruning(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
             secs = stage.get("seconds") or {}
             rows.append([i, _fixed(stage.get("keep"), 3), _fixed(stage.get("epsilon"), 3),
                          _fixed(stage.get("achieved"), 3), _count(stage.get("macs")), _count(stage.get("params")),
-                         _secs(secs.get("sensitivity")), _secs(secs.get("allocation")), _secs(secs.get("removal"))])
-        lines += _table(["Stage", "Keep", "ε", "Achieved", "MACs", "Params", "Sensitivity", "Allocation",
-                         "Removal"], rows) + [""]
+                         _secs(secs.get("sensitivity")), _secs(secs.get("allocation")), _secs(secs.get("removal")),
+                         _secs(secs.get("reconstruction"))])
+        lines += _table(["Stage", "Keep", "ε (paper)", "Achieved", "MACs", "Params", "Sensitivity", "Allocation",
+                         "Removal", "Reconstruction"], rows) + [""]
     if prune.get("unprunable_groups"):
         names = ", ".join(f"`{g}`" for g in prune["unprunable_groups"])
         lines += [f"Not prunable ({len(prune['unprunable_groups'])}): {names}", ""]
@@ -282,6 +284,37 @@ def _pruning(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
         lines += table
     if "widths" in plots:
         lines += ["", f"![Channel widths before and after pruning]({plots['widths'].name})"]
+    lines += _reconstruction(stages, plots)
+    return lines
+
+
+def _reconstruction(stages: Sequence[Mapping], plots: Mapping[str, Path]) -> list[str]:
+    """Per dense layer: relative output error on the calibration data before / after the refit."""
+    lines: list[str] = []
+    for i, stage in enumerate(stages, 1):
+        rec = stage.get("reconstruction") or {}
+        layers = rec.get("layers") or []
+        if not layers:
+            continue
+        title = "### Reconstruction" + (f" (stage {i})" if len(stages) > 1 else "")
+        lines += ["", title, "",
+                  f"Least squares, ridge {rec.get('ridge')}, {rec.get('samples')} calibration samples, "
+                  f"{_secs(rec.get('seconds'))}. Relative output error of each layer on the calibration "
+                  "data, with the dense model's outputs as the reference (0 = exact).", ""]
+        rows = [[layer.get("name", "?"), f"{layer.get('kept_in')}/{layer.get('in_before')}",
+                 f"{layer.get('kept_out')}/{layer.get('out_before')}", _fixed(layer.get("error_before"), 4),
+                 _fixed(layer.get("error_after"), 4), layer.get("status", "")] for layer in layers]
+        table = _table(["Layer", "Inputs kept", "Outputs kept", "Error before", "Error after", "Status"], rows)
+        if len(rows) > MAX_GROUP_ROWS:
+            table = [f"<details><summary>Reconstruction of {len(rows)} layers</summary>", "", *table, "",
+                     "</details>"]
+        lines += table
+        skipped = rec.get("skipped") or []
+        if skipped:
+            lines += ["", f"Left as pruned ({len(skipped)}): " + "; ".join(
+                f"`{s.get('name')}` ({s.get('reason')})" for s in skipped)]
+    if lines and "reconstruction" in plots:
+        lines += ["", f"![Per-layer error before and after reconstruction]({plots['reconstruction'].name})"]
     return lines
 
 
@@ -474,6 +507,31 @@ def plot_widths(groups: Sequence[Mapping], path: str | os.PathLike) -> Path | No
     return _save(fig, Path(path))
 
 
+def plot_reconstruction(stages: Sequence[Mapping], path: str | os.PathLike) -> Path | None:
+    """The last stage's per-layer relative calibration error before (grey) and after (blue) the refit."""
+    layers = next((s["reconstruction"]["layers"] for s in reversed(stages)
+                   if (s.get("reconstruction") or {}).get("layers")), None)
+    rows = [layer for layer in layers or [] if _num(layer.get("error_before")) is not None
+            and _num(layer.get("error_after")) is not None]
+    if not rows:
+        return None
+    import numpy as np
+
+    before = np.array([layer["error_before"] for layer in rows], float)
+    after = np.array([layer["error_after"] for layer in rows], float)
+    x = np.arange(len(rows))
+    fig, ax = _figure(max(6.0, 0.3 * len(rows) + 2), 4.0)
+    ax.bar(x - 0.2, before, width=0.4, color="#d9d9d9", label="pruned")
+    ax.bar(x + 0.2, after, width=0.4, color=PRUNED_COLOR, label="+ reconstruction")
+    step = math.ceil(len(rows) / 40)
+    ax.set_xticks(x[::step], [str(layer.get("name")) for layer in rows][::step], rotation=90, fontsize=7)
+    ax.set_ylabel("relative output error (calibration)")
+    ax.set_title("Per-layer error before and after least-squares reconstruction", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path))
+
+
 def plot_finetune(stages: Sequence[Mapping], path: str | os.PathLike, dense_top1: float | None = None) -> Path | None:
     """Validation top-1 per epoch, stages one after another on one axis; dense top-1 as a dashed line."""
     series, start = [], 0
@@ -531,6 +589,7 @@ def plot_accuracy_vs_macs(rows: Sequence[Mapping], path: str | os.PathLike, titl
 PLOTS: dict[str, Callable[[Mapping, Path], Path | None]] = {
     "latency": lambda r, p: plot_latency(r.get("targets") or [], p),
     "widths": lambda r, p: plot_widths((r.get("prune") or {}).get("groups") or [], p),
+    "reconstruction": lambda r, p: plot_reconstruction((r.get("prune") or {}).get("stages") or [], p),
     "finetune": lambda r, p: plot_finetune((r.get("finetune") or {}).get("stages") or [], p,
                                            _top1(r.get("accuracy"), "dense")),
 }

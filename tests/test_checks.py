@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from pfp_deploy.bench import LatencyStats
-from pfp_deploy.checks import (Target, TargetResult, as_target, check_gates, check_report, evaluate_report,
-                               run_targets)
+from pfp_deploy.checks import TargetResult, as_target, check_gates, check_report, evaluate_report, run_targets
 from pfp_deploy.errors import UsageError
+from pfp_deploy.recipe import TargetConfig
 
 ort = pytest.importorskip("onnxruntime")
 ov = pytest.importorskip("openvino")
@@ -55,7 +55,7 @@ def test_targets_measure_and_gate_independently(models):
         {"name": "torch-loose", "runtime": "torch", "batch": 2, "threads": 1, "p50_ms": 1e4, "p99_ms": 1e4},
         {"name": "ort-impossible-speedup", "runtime": "onnxruntime", "min_speedup": 1000.0},
         {"name": "openvino-no-ir", "runtime": "openvino"},  # no IR given: an error, not a crash
-        Target(name="ort-tiny-p50", runtime="onnxruntime", p50_ms=1e-6),
+        TargetConfig(name="ort-tiny-p50", runtime="onnxruntime", p50_ms=1e-6),
     ]
     seen = []
     results = _run(models, targets, macs_ratio=16.0, on_result=lambda r: seen.append(r.name))
@@ -121,14 +121,15 @@ def _stats(p50: float, p90: float, p99: float) -> LatencyStats:
     ({"p50_ms": 2.0, "max_accuracy_drop": 0.01}, []),  # limits are inclusive
 ])
 def test_gates_on_synthetic_stats(limits, failing):
-    target = Target(name="t", **limits)
+    target = TargetConfig(name="t", runtime="onnxruntime", **limits)
     checks = check_gates(target, _stats(2.0, 2.5, 4.0), speedup=1.75, accuracy_drop=0.01)
     assert sorted(limits) == sorted(c.gate for c in checks)
     assert sorted(c.gate for c in checks if not c.passed) == sorted(failing)
 
 
 def _stored_report() -> dict:
-    row = TargetResult(name="cpu", status="passed", reason="", target=Target(name="cpu", p50_ms=5.0).model_dump(),
+    target = TargetConfig(name="cpu", runtime="onnxruntime", p50_ms=5.0).model_dump()
+    row = TargetResult(name="cpu", status="passed", reason="", target=target,
                        dense=_stats(6.0, 7.0, 8.0), pruned=_stats(3.0, 3.5, 4.0), speedup=2.0, p50_ratio=2.0,
                        macs_ratio=4.0)
     return json.loads(json.dumps({"targets": [row.to_dict()]}))  # as read back from disk
@@ -153,6 +154,16 @@ def test_evaluate_report_rechecks_stored_gates():
     report["targets"][0].update(status="error", reason="error: boom")
     passed, rows = evaluate_report(report["targets"])
     assert not passed and rows[0].reason == "error: boom"
+
+
+def test_reports_stored_before_hints_were_checked_per_runtime_still_check():
+    report = _stored_report()
+    report["targets"][0]["target"]["hint"] = "LATENCY"  # older writers stored it on every row
+    passed, rows = evaluate_report(report)
+    assert passed and rows[0].target["hint"] is None and rows[0].target["provider"] == "CPUExecutionProvider"
+    report["targets"][0]["target"].update(runtime="torch", provider=None, device="cpu")
+    passed, rows = evaluate_report(report, targets=[{"name": "cpu", "p90_ms": 3.0}])  # limits replaced
+    assert not passed and [g.gate for g in rows[0].gates] == ["p90_ms"] and rows[0].target["runtime"] == "torch"
 
 
 def test_bad_target_rows_are_usage_errors():

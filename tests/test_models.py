@@ -132,3 +132,28 @@ def test_weights_tag_from_hub_cache(tmp_path, monkeypatch):
 def test_known_model_names():
     assert known_model_names("builtin") == ["resnet20", "vgg_small"]
     assert "resnet50" in known_model_names("torchvision") and "resnet20" in known_model_names()
+
+
+def test_a_checkpoint_with_a_card_is_verified_and_names_the_command_that_recreates_it(tmp_path):
+    import json
+
+    from pfp_deploy.fileio import file_sha256
+
+    path = tmp_path / "weights" / "net.pt"
+    path.parent.mkdir()
+    torch.save(resnet20(10, 1).state_dict(), path)
+    card = {"sha256": file_sha256(path), "command": "python -m benchmarks.train_baseline --out X"}
+    path.with_suffix(".json").write_text(json.dumps(card))
+    model_cfg = cfg(source="builtin", name="resnet20", in_channels=1, weights=str(path))
+    assert isinstance(build_model(model_cfg, 10, 1), nn.Module)
+
+    with path.open("r+b") as f:  # one flipped byte near the end: a corrupt download or copy
+        f.seek(-10, 2)
+        byte = f.read(1)
+        f.seek(-10, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelLoadError, match="corrupt or was replaced. Recreate it with `python -m benchmarks"):
+        build_model(model_cfg, 10, 1)
+    path.unlink()
+    with pytest.raises(ModelLoadError, match="does not exist.*made by `python -m benchmarks.train_baseline"):
+        build_model(model_cfg, 10, 1)

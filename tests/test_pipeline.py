@@ -39,7 +39,10 @@ def test_optimize_writes_every_artifact_and_passes(finished):
     assert report["status"] == "passed" and json.loads(finished.to_json())["status"] == "passed"
     assert set(report["times"]) >= {"data", "model", "dense_eval", "calibration", "prune", "finetune", "save",
                                     "benchmark"}
-    assert set(report["accuracy"]) == {"dense", "pruned_only", "bn_recalibrated", "finetuned"}
+    assert set(report["accuracy"]) == {"dense", "pruned_only", "reconstructed", "bn_recalibrated", "finetuned"}
+    layers = report["prune"]["stages"][0]["reconstruction"]["layers"]  # the per-layer certificate
+    assert layers and all(layer["error_after"] <= layer["error_before"] + 1e-9 for layer in layers)
+    assert "### Reconstruction" in (run / "report.md").read_text()
     # Synthetic data is marked, and its accuracy is never gated.
     assert report["data"]["meaningful_accuracy"] is False
     assert "not meaningful" in (run / "report.md").read_text()

@@ -75,9 +75,15 @@ def full_report(n_groups=26, **overrides):
                                                                 "removal": 2.1}},
                              {"keep": 0.44, "epsilon": 0.52, "achieved": 0.4386, "macs": 1_803_294_120,
                               "params": 12_310_115, "seconds": {"sensitivity": 38.9, "allocation": 0.3,
-                                                                "removal": 1.9}}],
+                                                                "removal": 1.9, "reconstruction": 61.0},
+                              "reconstruction": {"ridge": 0.001, "samples": 256, "seconds": 61.0, "layers": [
+                                  {"name": "layer1.0.conv1", "kept_in": 48, "in_before": 64, "kept_out": 32,
+                                   "out_before": 64, "error_before": 0.4123, "error_after": 0.1057,
+                                   "status": "refit"}],
+                                  "skipped": [{"name": "fc", "reason": "underdetermined"}]}}],
                   "groups": _groups(n_groups)},
         "accuracy": {"dense": {"top1": 76.13, "top5": 92.86}, "pruned_only": {"top1": 12.07, "top5": 28.4},
+                     "reconstructed": {"top1": 58.80, "top5": 81.2},
                      "bn_recalibrated": {"top1": 61.52, "top5": 83.9}, "finetuned": {"top1": 75.40, "top5": 92.3}},
         "finetune": {"stages": [{"keep": 0.7, "history": _history(66.0, 4)},
                                 {"keep": 0.44, "history": _history(62.0, 6)}]},
@@ -112,8 +118,8 @@ def _assert_png(path: Path):
 @needs_matplotlib
 def test_full_report_has_figures_tables_and_plots(tmp_path):
     paths = write_report(full_report(), tmp_path)
-    assert set(paths) == {"report", "latency", "widths", "finetune"}
-    for name in ("latency", "widths", "finetune"):
+    assert set(paths) == {"report", "latency", "widths", "finetune", "reconstruction"}
+    for name in ("latency", "widths", "finetune", "reconstruction"):
         assert paths[name] == tmp_path / f"{name}.png"
         _assert_png(paths[name])
     md = paths["report"].read_text()
@@ -121,7 +127,9 @@ def test_full_report_has_figures_tables_and_plots(tmp_path):
     # Summary: sizes with ratio and reduction, accuracy at each step and the drop.
     assert "25.56 M" in md and "12.31 M" in md and "2.08×" in md and "51.8 %" in md
     assert "4.11 G" in md and "1.80 G" in md and "2.28×" in md and "56.1 %" in md
-    assert "| Top-1 (%) | 76.13 | 12.07 | 61.52 | 75.40 | 0.73 |" in md
+    assert "| Top-1 (%) | 76.13 | 12.07 | 58.80 | 61.52 | 75.40 | 0.73 |" in md
+    # Reconstruction: the per-layer certificate (error before/after) and what was left as pruned.
+    assert "| layer1.0.conv1 | 48/64 | 32/64 | 0.4123 | 0.1057 | refit |" in md and "`fc` (underdetermined)" in md
     # Targets: one row each, latencies, speed-up, efficiency, reason only where not passed.
     target_rows = [line for line in md.splitlines() if line.startswith(("| cpu-", "| gpu-", "| npu-"))]
     assert len(target_rows) == 4
@@ -175,7 +183,7 @@ def test_report_survives_odd_values(tmp_path):
     report = full_report(accuracy={"dense": {"top1": float("nan")}, "finetuned": {"top1": 70.0}})
     report["targets"][0]["speedup"] = None
     md = render_markdown(report)
-    assert "| Top-1 (%) | — | — | — | 70.00 | — |" in md
+    assert "| Top-1 (%) | — | — | — | — | 70.00 | — |" in md
 
 
 @needs_matplotlib

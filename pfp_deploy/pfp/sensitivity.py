@@ -14,7 +14,11 @@ V = 1/|Z| (0 where |Z| <= eps32), a q-norm turns the max into a matrix product t
 so one BLAS call bounds every (filter, row) pair within a factor P^(1/q). The pair with the best
 bound of each channel is computed exactly; every pair whose bound cannot beat that value cannot
 change s[c]; the few remaining pairs (typically < 0.1 %) are computed exactly too. The result is
-the exact maximum, not an approximation: `tests/test_sensitivity.py` checks it against loops.
+the exact maximum, not an approximation: `tests/test_sensitivity.py` checks it against loops and,
+on every dense layer of whole torchvision networks, against float64 arithmetic on the same layer
+inputs (<= 1e-5 relative; measured ~1e-6). Exact *given the float32 activations*: a float64 copy
+of the model gives different activations, and near-dead channels (one tiny non-zero entry left by
+BN + ReLU cancellation) can then differ by 1e-3..1e-2 relative, whatever computes the score.
 """
 from __future__ import annotations
 
@@ -31,8 +35,23 @@ EPS32 = float(torch.finfo(torch.float32).eps)  # |Z| <= EPS32 contributes 0 (PFP
 # Upper bound by a q-norm (see LayerSensitivity._upper_bound). q = 16 keeps float32 safe and the
 # bound within P^(1/16) (<= 1.8 for 112x112 maps) of the truth: few pairs are left to check.
 Q_NORM = 16  # a power of two: _power_q squares four times
-UNDERFLOW_ROOT = torch.finfo(torch.float32).tiny ** (1.0 / Q_NORM)  # below it x^q underflows
-BOUND_SLACK = 1.001  # covers float32 rounding of the bound (sum of P positive terms, powers)
+TINY32 = torch.finfo(torch.float32).tiny  # smallest normal float32
+UNDERFLOW_ROOT = TINY32 ** (1.0 / Q_NORM)  # a scaled product below it may underflow in x^q
+
+
+def bound_slack(positions: int) -> float:
+    """Factor that makes the float32 q-norm bound a true upper bound of the float32 exact values.
+
+    Relative rounding errors (unit roundoff u = EPS32 / 2), all covered with room to spare:
+    the sum of P positive terms in any order (BLAS blocking, FMA) <= (P - 1) u / (1 - (P - 1) u)
+    <= P*EPS32 (P < 2^22); the two scaled ratios and their four squarings <= 31 u each side;
+    the 1/q root divides all of that by q and adds a few ulp; the four rescaling products
+    (v_max * slack, root *, * |W|, * u_max) and the two roundings of an exact value
+    (U * |W|) * V add 6 u. So (1 + (P + 64) EPS32)^(1/q) * (1 + 16 EPS32) bounds them all, for
+    values in float32's normal range (a pair worth < ~1e-30 may be rounded on either side).
+    Exact IEEE float32 matmuls are assumed: LayerSensitivity.update switches TF32/bf16 off.
+    """
+    return (1.0 + (positions + 64) * EPS32) ** (1.0 / Q_NORM) * (1.0 + 16 * EPS32)
 
 
 def is_dense_layer(module: nn.Module) -> bool:
@@ -94,8 +113,9 @@ class LayerSensitivity:
         filters = self.out_features
         per_sample = 2 * rows * positions + 6 * filters * positions + 4 * filters * rows
         chunk = max(1, self.budget // max(1, per_sample))
-        for start in range(0, batch, chunk):
-            self._update_chunk(u[start:start + chunk].contiguous())
+        with _ieee_float32_matmul():  # Z is exact float32, and bound_slack assumes IEEE sums
+            for start in range(0, batch, chunk):
+                self._update_chunk(u[start:start + chunk].contiguous())
 
     def _update_chunk(self, u: torch.Tensor) -> None:
         z = torch.matmul(self.w_signed, u).abs()  # [B, 2F, P]
@@ -117,7 +137,11 @@ class LayerSensitivity:
         self.values = self._exact(u, v, best, b, r, f)
 
     def _single_position(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """P == 1: s[c] = max_b U[b, r] * max_f |W[f, r]| V^sign[b, f], in filter chunks."""
+        """P == 1: s[c] = max_b max_f (U[b, r] |W[f, r]|) V^sign[b, f], in filter chunks.
+
+        |W| * V first (one product per weight); where it overflows (weights > ~4e31), the chunk is
+        redone as (U * |W|) * V, the order _exact uses, which stays finite.
+        """
         batch, rows = u.shape
         filters = self.out_features
         w_pos, w_neg = self.w_signed[:filters].t(), self.w_signed[filters:].abs().t()  # [R, F]
@@ -125,39 +149,54 @@ class LayerSensitivity:
         chunk = max(1, self.budget // max(1, 2 * batch * rows))
         for f0 in range(0, filters, chunk):
             f1 = min(filters, f0 + chunk)
-            best = torch.maximum(best, (v[:, None, f0:f1] * w_pos[:, f0:f1]).amax(dim=-1))
-            best = torch.maximum(best, (v[:, None, filters + f0:filters + f1] * w_neg[:, f0:f1]).amax(dim=-1))
-        return self._per_channel((best * u).amax(dim=0))
+            for w, v_rows in ((w_pos, v[:, f0:f1]), (w_neg, v[:, filters + f0:filters + f1])):
+                wv = (v_rows[:, None] * w[:, f0:f1]).amax(dim=-1)  # [B, R]
+                if bool(torch.isinf(wv).any()):
+                    g = (u[:, :, None] * w[:, f0:f1]).mul_(v_rows[:, None]).amax(dim=-1)
+                else:
+                    g = wv.mul_(u)
+                best = torch.maximum(best, g)
+        return self._per_channel(best.amax(dim=0))
 
     def _upper_bound(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """U[b,r,f] >= g via the q-norm: max_p x_p <= (sum_p x_p^q)^(1/q) <= P^(1/q) max_p x_p.
 
-        The sum is a matrix product (BLAS); rows are scaled to max 1 first so nothing overflows,
-        and a product that underflows is bounded by UNDERFLOW_ROOT instead.
+        The sum is a matrix product (BLAS); every row is divided by its own max first, so the
+        scaled ratios lie in [0, 1] with max exactly 1: nothing overflows, and a scaled product
+        small enough to underflow in x^q (below UNDERFLOW_ROOT) is bounded by UNDERFLOW_ROOT.
+        The divisor is the row max itself, never a clamped one: dividing by max(u_max, tiny) made
+        the ratios of a row whose max is subnormal (< tiny) far smaller than 1, their powers
+        underflowed, and the UNDERFLOW_ROOT fallback then bounded them below their true value,
+        discarding winning pairs. bound_slack(P) covers float32 rounding.
         """
         u_max = u.amax(dim=-1, keepdim=True)  # [B, R, 1]
         v_max = v.amax(dim=-1, keepdim=True)  # [B, 2F, 1]
-        tiny = torch.finfo(torch.float32).tiny
-        u_pow = _power_q(u / u_max.clamp_min(tiny))
-        v_pow = _power_q(v / v_max.clamp_min(tiny))
+        one = torch.ones((), device=u.device)
+        u_pow = _power_q(u / torch.where(u_max > 0, u_max, one))  # all-zero rows stay 0
+        v_pow = _power_q(v / torch.where(v_max > 0, v_max, one))
         root = torch.matmul(v_pow, u_pow.transpose(1, 2)).pow_(1.0 / Q_NORM)  # [B, 2F, R]
         del u_pow, v_pow
-        bound_m = root.clamp_min_(UNDERFLOW_ROOT).mul_(v_max).mul_(u_max.transpose(1, 2)).mul_(BOUND_SLACK)
-        # Weight (f, r) reads row v_row[r, f] of the sign-split bound.
-        index = self.v_row.unsqueeze(0).expand(bound_m.shape[0], -1, -1)
-        return torch.gather(bound_m.transpose(1, 2), 2, index).mul_(self.w_abs_t)
+        bound_v = root.clamp_min_(UNDERFLOW_ROOT).mul_(v_max * bound_slack(u.shape[-1]))
+        # Weight (f, r) reads row v_row[r, f] of the sign-split bound. |W| before U_max: like
+        # _exact's U * |W| (a summand of Z), it keeps tiny activations out of subnormal products.
+        index = self.v_row.unsqueeze(0).expand(bound_v.shape[0], -1, -1)
+        return torch.gather(bound_v.transpose(1, 2), 2, index).mul_(self.w_abs_t).mul_(u_max)
 
     def _exact(self, u, v, best, b, r, f):
-        """best[c] max= |W[f, r]| * max_p U[b, r, p] V[b, v_row, p] for the listed triples."""
+        """best[c] max= max_p (U[b, r, p] |W[f, r]|) V[b, v_row, p] for the listed triples.
+
+        U * |W| first: it is a summand of Z, so it stays in float32's normal range whenever the
+        ratio is worth representing (U * V alone can be subnormal for tiny activations).
+        """
         if b.numel() == 0:
             return best
         j = self.v_row[r, f]
+        w = self.w_abs_t[r, f]
         value = torch.empty(b.numel(), device=u.device)
         chunk = max(1, self.budget // (2 * u.shape[-1]))
         for s in range(0, b.numel(), chunk):
             sl = slice(s, s + chunk)
-            value[sl] = (u[b[sl], r[sl]] * v[b[sl], j[sl]]).amax(dim=1)
-        value *= self.w_abs_t[r, f]
+            value[sl] = u[b[sl], r[sl]].mul_(w[sl, None]).mul_(v[b[sl], j[sl]]).amax(dim=1)  # gathers are copies
         channel = torch.div(r, self.kk, rounding_mode="floor")
         return best.scatter_reduce(0, channel, value, reduce="amax")
 
@@ -166,6 +205,36 @@ class LayerSensitivity:
 
     def _per_channel(self, per_row: torch.Tensor) -> torch.Tensor:
         return per_row.view(self.in_channels, self.kk).amax(dim=1)
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmul() -> Iterator[None]:
+    """Full-precision float32 matmuls inside, whatever the caller set (TF32 on CUDA, bf16 on CPU).
+
+    torch.set_float32_matmul_precision("high"/"medium") would otherwise compute Z = W± U with a
+    10- or 8-bit mantissa (~1e-3 relative): no longer the float32 formula. Restored on exit.
+    """
+    backends = [b for b in (getattr(torch.backends.cuda, "matmul", None),
+                            getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    if not backends:  # torch < 2.9: only the legacy global switch exists
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    previous = [b.fp32_precision for b in backends]
+    try:
+        for b in backends:
+            if b.fp32_precision != "ieee":
+                b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, value in zip(backends, previous):
+            if b.fp32_precision != value:
+                b.fp32_precision = value
 
 
 def _power_q(x: torch.Tensor) -> torch.Tensor:

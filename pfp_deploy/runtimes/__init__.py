@@ -1,0 +1,234 @@
+"""Inference runtimes: one file each in this package, registered with `@register_runtime`.
+
+A `Runtime` says which export it runs (`export_format`: None runs the torch model itself), which
+devices it knows and how they are spelled, which precisions and performance hints it takes, whether
+its package is installed, and how to build a `pfp_deploy.bench.Runner`. Everything that names a
+runtime goes through this registry: the recipe (`checks.targets[*].runtime` and the settings of a
+target), `checks.run_targets` (which exported file to measure) and `make_runner`.
+
+Every module in this package whose name does not start with "_" is imported on first use of the
+registry, so a new built-in runtime is one new file here. A runtime of your own lives in your code:
+import its module before loading a recipe that names it (docs/extending.md, "A runtime").
+
+This module imports no runtime package: onnxruntime and openvino load only when a runner is built.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pkgutil
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pfp_deploy.errors import ExportError, RuntimeUnavailableError, UsageError, did_you_mean
+
+if TYPE_CHECKING:
+    from pfp_deploy.bench import Runner
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+# make_runner's keyword for each built-in export format (source= works for every format).
+_SOURCE_KEYWORDS = {None: "model", "onnx": "onnx_path", "openvino": "openvino_xml"}
+
+
+class SettingsError(UsageError):
+    """Settings a runtime does not take, as (field, message) pairs; str() joins the messages."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(msg for _, msg in problems))
+
+
+def choose(kind: str, value: str, valid: tuple[str, ...]) -> str:
+    """The entry of `valid` equal to `value` ignoring case; ValueError saying what is valid otherwise."""
+    upper = {v.upper(): v for v in valid}
+    if str(value).upper() in upper:
+        return upper[str(value).upper()]
+    raise ValueError(f"unknown {kind} {str(value)!r}; valid: {', '.join(valid)}.{did_you_mean(value, valid)}")
+
+
+class Runtime:
+    """What the pipeline needs to know about one inference runtime. Subclass it, set the class
+    attributes, implement `make_runner` (and `parse_device` when devices take an index or a list),
+    and decorate the class with `@register_runtime`."""
+
+    name: ClassVar[str]  # as written in a recipe: lower case, e.g. "onnxruntime"
+    export_format: ClassVar[str | None] = None  # the export it runs ("onnx", "openvino"); None: the torch model
+    package: ClassVar[str | None] = None  # module that must be importable (None: always available)
+    install: ClassVar[str] = "pip install 'pfp-deploy[deploy]'"  # how to get `package`
+    devices: ClassVar[tuple[str, ...]] = ("CPU",)  # device names, spelled the runtime's way
+    default_device: ClassVar[str | None] = "CPU"  # None: the runtime picks (onnxruntime: its provider)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # a subset of PRECISIONS
+    hints: ClassVar[tuple[str, ...]] = ()  # performance hints it takes; the first is the default
+
+    def parse_device(self, device: str) -> str:
+        """Validate `device` and return it spelled the runtime's way; ValueError saying what is valid."""
+        return choose(f"{self.name} device", device, self.devices)
+
+    def check_provider(self, provider: str | None, device: str | None) -> str | None:
+        """Validate an execution provider (only onnxruntime takes one); ValueError otherwise."""
+        if provider is not None:
+            raise ValueError(f"{self.name} takes no provider (that is an onnxruntime setting); set device instead")
+        return None
+
+    def settings(self, *, device: str | None = None, provider: str | None = None, precision: str = "fp32",
+                 hint: str | None = None) -> dict[str, Any]:
+        """{device, provider, precision, hint} validated and spelled this runtime's way, defaults filled.
+
+        Raises SettingsError listing every problem by field. Normalising twice gives the same values."""
+        values: dict[str, Any] = {}
+        problems: list[tuple[str, str]] = []
+        checks = (("device", lambda: self.default_device if device is None else self.parse_device(str(device).strip())),
+                  ("provider", lambda: self.check_provider(provider, values.get("device"))),
+                  ("precision", lambda: self._precision(precision)),
+                  ("hint", lambda: self._hint(hint)))
+        for key, check in checks:  # in order: the provider sees the parsed device
+            try:
+                values[key] = check()
+            except ValueError as exc:
+                problems.append((key, str(exc)))
+        if problems:
+            raise SettingsError(problems)
+        return values
+
+    def _precision(self, precision: str) -> str:
+        value = choose("precision", precision, PRECISIONS).lower()
+        if value not in self.precisions:
+            raise ValueError(f"{self.name} runs precision {', '.join(self.precisions)}, not {value}")
+        return value
+
+    def _hint(self, hint: str | None) -> str | None:
+        if not self.hints:
+            if hint is None:
+                return None
+            takers = [r.name for r in runtimes() if r.hints]
+            raise ValueError(f"{self.name} takes no performance hint (got {hint!r}); hints are for "
+                             f"{', '.join(takers) or 'no registered runtime'}")
+        return self.hints[0] if hint is None else choose(f"{self.name} hint", hint, self.hints)
+
+    def available(self) -> bool:
+        """Whether `package` is installed (found without importing it)."""
+        return self.package is None or importlib.util.find_spec(self.package) is not None
+
+    def import_package(self) -> Any:
+        """Import `package`; RuntimeUnavailableError saying how to install it when it is missing."""
+        try:
+            return importlib.import_module(self.package)
+        except ImportError as exc:
+            raise RuntimeUnavailableError(f"{self.package} is not installed ({exc}); {self.install}") from exc
+
+    def existing_file(self, source: str | os.PathLike | None) -> Path:
+        """`source` as a Path; ExportError naming it when there is no such file, UsageError when None.
+        (Checked after the host's devices, so a missing device reads as unavailable, not as a usage error.)"""
+        if source is None:
+            keyword = _SOURCE_KEYWORDS.get(self.export_format)
+            raise UsageError(f"runtime {self.name} needs the path of its {self.export_format} export: "
+                             + (f"{keyword}=... or source=..." if keyword else "source=..."))
+        path = Path(source)
+        if not path.is_file():
+            raise ExportError(f"{self.export_format} export {path} does not exist; export the model first")
+        return path
+
+    def make_runner(self, source: Any, *, device: str | None, provider: str | None, threads: int | None,
+                    precision: str, hint: str | None) -> Runner:
+        """A ready Runner for `source` (the torch model, or the path of its `export_format` file) with
+        settings already validated by `settings`. A package, device or provider missing on this host
+        raises RuntimeUnavailableError; a missing or unreadable file raises ExportError naming it."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<runtime {self.name} ({type(self).__module__}.{type(self).__qualname__})>"
+
+
+# ----------------------------------------------------------------------------- the registry
+
+_REGISTRY: dict[str, Runtime] = {}
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    """Import every module of this package once (each registers its runtime)."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def register_runtime(cls: type[Runtime]) -> type[Runtime]:
+    """Class decorator: add a Runtime subclass to the registry under its `name`, and return the class."""
+    _load_builtins()  # a runtime of your own must not shadow a built-in by import order
+    if not (isinstance(cls, type) and issubclass(cls, Runtime)):
+        raise TypeError(f"@register_runtime decorates a subclass of pfp_deploy.runtimes.Runtime, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+        raise UsageError(f"{cls.__qualname__}.name must be a lower-case name such as 'tensorrt', got {name!r}")
+    unknown = [p for p in cls.precisions if p not in PRECISIONS]
+    if not cls.precisions or unknown:
+        raise UsageError(f"runtime {name}: precisions must be a non-empty subset of {PRECISIONS}, got {cls.precisions}")
+    old = _REGISTRY.get(name)
+    if old is not None and (type(old).__module__, type(old).__qualname__) != (cls.__module__, cls.__qualname__):
+        raise UsageError(f"runtime {name!r} is already registered by {type(old).__module__}."
+                         f"{type(old).__qualname__}; pick another name or unregister_runtime({name!r}) first")
+    _REGISTRY[name] = cls()  # the same class again (its module re-imported) replaces the old entry
+    return cls
+
+
+def unregister_runtime(name: str) -> None:
+    """Remove a runtime from the registry (for tests and plugins that replace one)."""
+    _REGISTRY.pop(get_runtime(name).name)
+
+
+def runtimes() -> tuple[Runtime, ...]:
+    """Every registered runtime, built-ins first."""
+    _load_builtins()
+    return tuple(_REGISTRY.values())
+
+
+def runtime_names() -> list[str]:
+    return [r.name for r in runtimes()]
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime registered as `name` (any case); UsageError listing the valid names otherwise."""
+    _load_builtins()
+    entry = _REGISTRY.get(str(name).strip().lower())
+    if entry is None:
+        names = list(_REGISTRY)
+        raise UsageError(f"unknown runtime {str(name)!r}; valid: {', '.join(names)}.{did_you_mean(name, names)}")
+    return entry
+
+
+def make_runner(
+    runtime: str,
+    *,
+    source: Any = None,
+    model: Any = None,
+    onnx_path: str | os.PathLike | None = None,
+    openvino_xml: str | os.PathLike | None = None,
+    device: str | None = None,
+    provider: str | None = None,
+    threads: int | None = None,
+    precision: str = "fp32",
+    hint: str | None = None,
+) -> Runner:
+    """Build a Runner for a registered `runtime` ("torch", "onnxruntime", "openvino", ...) on `device`
+    (default: the runtime's, CPU for the built-ins).
+
+    What it runs is `source`, or by the runtime's export format: `model` (torch), `onnx_path`
+    (onnxruntime), `openvino_xml` (openvino). Unknown names and settings the runtime does not take
+    raise UsageError; a runtime, provider or device missing on this host raises
+    RuntimeUnavailableError; a missing or unreadable model file raises ExportError naming it."""
+    entry = get_runtime(runtime)
+    settings = entry.settings(device=device, provider=provider, precision=precision, hint=hint)
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be >= 1 (got {threads})")
+    fmt = entry.export_format
+    if source is None:
+        source = {"model": model, "onnx_path": onnx_path, "openvino_xml": openvino_xml}.get(_SOURCE_KEYWORDS.get(fmt))
+    if source is None and fmt is None:  # a missing file is the runtime's to report (Runtime.existing_file)
+        raise UsageError(f"runtime {entry.name} needs model=... (the torch model to run)")
+    return entry.make_runner(source, threads=threads, **settings)
