@@ -41,9 +41,10 @@ import sys
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -51,8 +52,15 @@ import torch_pruning as tp
 from torch.utils.data import DataLoader, TensorDataset
 
 from pfp_deploy.bench import hardware_fingerprint, make_runner, measure_latency
-from pfp_deploy.data import (FASHION_MNIST_MEAN, FASHION_MNIST_ROOT, FASHION_MNIST_STD, count_output_units,
-                             load_fashion_mnist, paper_calibration_size, seeded_indices)
+from pfp_deploy.data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_ROOT,
+    FASHION_MNIST_STD,
+    count_output_units,
+    load_fashion_mnist,
+    paper_calibration_size,
+    seeded_indices,
+)
 from pfp_deploy.export import export_onnx
 from pfp_deploy.finetune import FinetuneConfig, evaluate, finetune, recalibrate_batchnorm
 from pfp_deploy.models import resnet20, vgg_small

@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir) if args.work_dir else out.parent / "latency_models" / tag
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    command = "python -m benchmarks.latency " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    args_given = argv if argv is not None else sys.argv[1:]
+    command = "python -m benchmarks.latency " + " ".join(shlex.quote(a) for a in args_given)
 
     load_start = _loadavg()
     models = build_models(args, work)

@@ -86,9 +86,10 @@ def main() -> None:
     if args.loop_images <= 0:
         return
     if args.device == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    fast = sensitivity(model, batches)
+    sensitivity(model, batches)
     if args.device == "cuda":
         torch.cuda.synchronize()
     fast_s = time.perf_counter() - t0

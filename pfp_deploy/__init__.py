@@ -12,9 +12,21 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import (CalibrationError, DataError, ExportError, ModelLoadError, PFPDeployError, PruningError,
-                     RecipeError, RuntimeUnavailableError, ShapeMismatchError, TargetUnattainableError,
-                     TrainingError, UnsupportedModelError, UsageError)
+from .errors import (
+    CalibrationError,
+    DataError,
+    ExportError,
+    ModelLoadError,
+    PFPDeployError,
+    PruningError,
+    RecipeError,
+    RuntimeUnavailableError,
+    ShapeMismatchError,
+    TargetUnattainableError,
+    TrainingError,
+    UnsupportedModelError,
+    UsageError,
+)
 
 __version__ = "0.1.0"
 

@@ -197,7 +197,7 @@ def compare_latency(dense_runner: Runner, pruned_runner: Runner, input: torch.Te
 # ----------------------------------------------------------------------------- host
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     # importlib.metadata reads the installed version without importing the (heavy) package.
     try:
         return importlib.metadata.version(name)
@@ -230,8 +230,8 @@ def hardware_fingerprint() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "onnxruntime": _package_version("onnxruntime") or _package_version("onnxruntime-gpu"),
-        "openvino": _package_version("openvino"),
+        "onnxruntime": package_version("onnxruntime") or package_version("onnxruntime-gpu"),
+        "openvino": package_version("openvino"),
         "gpu": None,
     }
     if torch.cuda.is_available():

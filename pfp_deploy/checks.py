@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pfp_deploy.bench import LatencyStats, compare_latency
 from pfp_deploy.errors import EXIT_OK, RuntimeUnavailableError, UsageError, did_you_mean
 from pfp_deploy.recipe import LatencyConfig, TargetConfig, _dotted, _Problems, _show
-from pfp_deploy.runtimes import get_runtime, make_runner
 from pfp_deploy.report import ACCURACY_STEPS
+from pfp_deploy.runtimes import get_runtime, make_runner
 
 if TYPE_CHECKING:
     from pfp_deploy.recipe import Recipe

@@ -6,8 +6,8 @@ Everything here degrades to a no-op in a plain single-process run, so callers ne
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist

@@ -6,7 +6,7 @@ valid and how to fix it. The CLI maps the class to an exit code; Python callers 
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 # Exit codes: a contract for CI pipelines (see README).
 EXIT_OK = 0

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 TEMP_SUFFIX = ".tmp"
 
@@ -161,7 +162,7 @@ class FileLock:
     def __init__(self, path: str | os.PathLike, holder: str):
         self.path, self.holder, self._fd = Path(path), holder, None
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ class FileLock:
     def __del__(self) -> None:  # a lock dropped without release() must not outlive its owner object
         self.release()
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

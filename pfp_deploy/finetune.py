@@ -14,9 +14,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +27,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from .distributed import (DistContext, ShardSampler, all_reduce_max, all_reduce_sum, average_buffers,
-                          wrap_loader_for_distributed)
+from .distributed import (
+    DistContext,
+    ShardSampler,
+    all_reduce_max,
+    all_reduce_sum,
+    average_buffers,
+    wrap_loader_for_distributed,
+)
+from .errors import DataError, ModelLoadError, TrainingError, UsageError
 from .fileio import torch_save_atomic
 from .modes import restore_modes, saved_modes
-from .errors import DataError, ModelLoadError, TrainingError, UsageError
 from .recipe import FinetuneConfig, TrainConfig, validate_section
 
 __all__ = [

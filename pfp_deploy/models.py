@@ -11,8 +11,9 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -309,7 +310,7 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
 
 def _replace_first_conv(model: nn.Module, in_channels: int, pretrained: bool) -> None:
     """Adapt the first 3-channel conv to in_channels (grayscale: sum of the RGB kernels)."""
-    for name, conv in model.named_modules():
+    for name, conv in model.named_modules():  # noqa: B007 - `name` is used after the loop
         if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
             break
     else:

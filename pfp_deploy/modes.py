@@ -6,7 +6,7 @@ eval-mode submodule stays frozen), whatever happened in between.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -23,20 +22,35 @@ import tempfile
 import time
 import traceback
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from pfp_deploy.bench import hardware_fingerprint
+from pfp_deploy.bench import hardware_fingerprint, package_version
 from pfp_deploy.checks import ACCURACY_FINAL_STEPS, FAILED, PASSED, gate_checks, run_targets
 from pfp_deploy.data import DataBundle, build_data, calibration_size
-from pfp_deploy.distributed import (DistContext, all_reduce_max, barrier, cleanup, init_distributed,
-                                    wrap_loader_for_distributed)
-from pfp_deploy.errors import (EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, PFPDeployError,
-                               RuntimeUnavailableError, UsageError, did_you_mean)
+from pfp_deploy.distributed import (
+    DistContext,
+    all_reduce_max,
+    barrier,
+    cleanup,
+    init_distributed,
+    wrap_loader_for_distributed,
+)
+from pfp_deploy.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STAGE_FAILED,
+    PFPDeployError,
+    RuntimeUnavailableError,
+    UsageError,
+    did_you_mean,
+)
 from pfp_deploy.fileio import FileLock, LockedError, file_sha256, remove_stale_temps, write_text_atomic
 from pfp_deploy.finetune import evaluate, finetune, recalibrate_batchnorm
 from pfp_deploy.models import BUILTIN_MODELS, build_model
@@ -379,7 +393,7 @@ def new_report(recipe: Recipe, path: Path) -> dict:
     """The report skeleton; sections a stage has not reached stay None ("not run" in report.md)."""
     return {
         "name": recipe.name, "status": "running", "exit_code": None, "message": None,
-        "created": _now(), "run_dir": str(path), "recipe": RECIPE_FILE, "pfp_deploy": _version("pfp-deploy"),
+        "created": _now(), "run_dir": str(path), "recipe": RECIPE_FILE, "pfp_deploy": package_version("pfp-deploy"),
         "model": {"name": model_label(recipe), "source": recipe.model.source,
                   "input_shape": recipe.model.input_shape},
         "data": {"format": recipe.data.format},
@@ -553,7 +567,7 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
                    max_prune_ratio=cfg.max_prune_ratio, ignored_layers=cfg.ignored_layers,
                    overrides={k: v.model_dump(exclude_none=True) for k, v in cfg.overrides.items()},
                    seed=cfg.seed, tolerance=cfg.tolerance / current,
-                   delta=cfg.delta, c=cfg.c, K=cfg.K, sensitivities=scores, reconstruct="none")
+                   delta=cfg.delta, c=cfg.c, K=cfg.K, sensitivities=scores, reconstruct="none", allocation=cfg.allocation)
     pruned = result.model
     run.write_json(f"checkpoints/sensitivity{step}.json", scores)
     macs, params = count_cost(pruned, example)
@@ -576,6 +590,7 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
         accuracies["bn_recalibrated"] = accuracy(pruned, data, dist)
         log.info("step %d: top-1 %.2f %% after BN re-calibration", step, accuracies["bn_recalibrated"]["top1"])
     report = {"keep": keep, "keep_relative": result.report["target"], "epsilon": result.report["epsilon"],
+              "allocation": result.report["allocation"], "epsilon_widths": result.report["epsilon_widths"],
               "achieved": achieved, "macs": macs, "params": params,
               "seconds": {**result.report["seconds"], "sensitivity": round(seconds, 4)},
               "groups": result.report["groups"], "unscored_groups": result.report["unscored_groups"],
@@ -882,7 +897,7 @@ def write_markdown(report: dict, run_dir: Path, plots: bool = True) -> None:
 def environment() -> dict:
     """Host and versions for env.json and `pfp-deploy env`: CPU, GPU, packages, ORT providers, OV devices."""
     info = hardware_fingerprint()
-    info["versions"] = {name: _version(name) for name in
+    info["versions"] = {name: package_version(name) for name in
                         ("pfp-deploy", "torchvision", "torch-pruning", "numpy", "onnx", "matplotlib")}
     try:
         import onnxruntime
@@ -897,13 +912,6 @@ def environment() -> dict:
     except ImportError:
         info["openvino_devices"] = None
     return info
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _percent(record: Mapping) -> dict:

@@ -9,24 +9,33 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .errors import ModelLoadError, PruningError, TargetUnattainableError, UsageError, did_you_mean
 from .fileio import torch_save_atomic
 from .modes import eval_mode, restore_modes, saved_modes
-from .recipe import ReconstructConfig, validate_section
-from .errors import ModelLoadError, PruningError, TargetUnattainableError, UsageError, did_you_mean
-from .pfp import allocation
-from .pfp.groups import (ChannelGroup, build_graph, channel_scores, collect_groups, consumer_scores,
-                         output_layers, resolve_names, search_group)
+from .pfp import allocation as pfp_allocation  # the module; `allocation` is prune()'s argument
+from .pfp import cost_aware
+from .pfp.groups import (
+    ChannelGroup,
+    build_graph,
+    channel_scores,
+    collect_groups,
+    consumer_scores,
+    output_layers,
+    resolve_names,
+    search_group,
+)
 from .pfp.selection import VARIANTS, Selection, select
 from .pfp.sensitivity import sensitivity as compute_sensitivity
+from .recipe import ReconstructConfig, validate_section
 
 METRICS = ("macs", "params")
 OVERRIDE_KEYS = ("min_channels", "max_prune_ratio", "round_to", "skip")
@@ -45,12 +54,12 @@ class Plan:
         return {"format": PLAN_FORMAT, "version": 1, "stages": self.stages}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise ModelLoadError("not a pfp-deploy plan (missing format: pfp-deploy-plan)")
         return cls(stages=list(data["stages"]))
 
-    def then(self, other: "Plan") -> "Plan":
+    def then(self, other: Plan) -> Plan:
         """This plan followed by `other` (a cascade: `other` was made on this plan's result)."""
         return Plan(stages=self.stages + other.stages)
 
@@ -138,7 +147,7 @@ def _build_cost_model(positions: dict, groups: list[ChannelGroup], metric: str, 
             affine = 2.0 if m.affine else 1.0
             linear[i] = affine * p if macs else (2.0 if m.affine else 0.0)
     widths = [grp.width for grp in groups]
-    return allocation.CostModel(out0, in0, a_out, a_in, bilinear, linear, widths, dense_cost, volume)
+    return pfp_allocation.CostModel(out0, in0, a_out, a_in, bilinear, linear, widths, dense_cost, volume)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -281,7 +290,7 @@ def _consumer_info(groups, sensitivities, model, positions, batch: int, delta: f
         m = modules[name]
         kernel = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1
         per_point = positions.get(m, batch) / batch  # positions were counted over the example batch
-        info[name] = (allocation.alpha(int(round(per_point)), kernel, delta, c), total)
+        info[name] = (pfp_allocation.alpha(int(round(per_point)), kernel, delta, c), total)
     return info
 
 
@@ -302,10 +311,11 @@ def prune(
     overrides: dict | None = None,
     seed: int = 0,
     tolerance: float = 0.01,
-    delta: float = allocation.DELTA,
-    c: float = allocation.C_CONST,
-    K: float = allocation.K_CONST,
+    delta: float = pfp_allocation.DELTA,
+    c: float = pfp_allocation.C_CONST,
+    K: float = pfp_allocation.K_CONST,
     reconstruct: str | Mapping | ReconstructConfig = "least_squares",
+    allocation: str = cost_aware.DEFAULT_ALLOCATION,
     sensitivities: dict[str, torch.Tensor] | None = None,
     importance: Callable | None = None,
     progress: bool = False,
@@ -336,6 +346,16 @@ def prune(
     dict / ReconstructConfig sets ridge, layers, max_memory_mb, underdetermined (recipe
     prune.reconstruct). `calibration` is then read again: pass a list or a DataLoader.
 
+    `allocation` decides how many channels each group keeps (pfp_deploy.pfp.cost_aware):
+    "cost_aware" (default) spends the budget where the least-squares output error its consumers
+    would keep after reconstruction, measured from calibration Gram matrices (one extra dense
+    pass, no new forward per width), grows least per unit of cost saved; "cost_aware_norefit" the
+    same with the error before any refit; "uniform" one keep ratio for every group; "paper" the
+    paper's global eps (PFP.md §3). Which channels a group keeps is the criterion's choice in
+    every case. report["epsilon"] is always the paper's eps for the same target (the paper
+    allocation is run too), report["epsilon_widths"] the smallest eps whose §3 widths fit within
+    the chosen ones (None when no eps does), report["allocation"] the name.
+
     Every removal is verified: the pruned model must run on `example_inputs` and give outputs
     shaped like the dense model's. A group torch-pruning cannot remove correctly (found when the
     groups are built, or by that check) is left unpruned, the budget is re-allocated over the
@@ -343,6 +363,7 @@ def prune(
     layer in `ignored_layers` skips it without the note.
     """
     _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio)
+    cost_aware.check_allocation(allocation)
     repair = validate_section(ReconstructConfig, {"method": reconstruct} if isinstance(reconstruct, str)
                               else reconstruct, "reconstruct")
     if not (0 < delta < 1 and c > 0 and K > 0):
@@ -383,13 +404,24 @@ def prune(
     cost = _build_cost_model(positions, groups, metric, dense)
     target = keep * dense
     allowed = accepted_deviation(keep, tolerance) * dense
+    curves = None
+    if allocation in cost_aware.GRAM_ALLOCATIONS:
+        stats = cost_aware.gram_statistics(work, calibration, sorted({c.name for g in groups for c in g.consumers}))
+        orders = [cost_aware.removal_order(sc, g.ch_groups) for g, sc in zip(groups, choice_scores)]
+        curves = cost_aware.group_curves(groups, stats, orders, repair.ridge,
+                                         refit=allocation == "cost_aware")
+        del stats
     timings["allocation"] = timings["removal"] = 0.0
     measured_passes = 0
     while True:  # re-allocate with the measured residual (4 passes at most) or without broken groups
         try:
-            widths, eps = allocation.allocate(budgets, cost, target, tolerance=0.5 * allowed)
+            widths, eps = pfp_allocation.allocate(budgets, cost, target, tolerance=0.5 * allowed)
         except TargetUnattainableError as exc:
             raise TargetUnattainableError(f"{exc}{_skipped_note(skipped)}") from None
+        if allocation == "uniform":
+            widths = cost_aware.allocate_uniform(budgets, cost, target, tolerance=0.5 * allowed)
+        elif curves is not None:
+            widths = cost_aware.allocate_by_error(budgets, cost, target, 0.5 * allowed, curves)
         timings["allocation"] += time.perf_counter() - start
         start = time.perf_counter()
         rng = np.random.default_rng(seed)
@@ -405,7 +437,8 @@ def prune(
                     f"{reason}; left unpruned (ignored_layers=[\"{groups[index].root_name}\"] skips it "
                     "without this note)")})
             if keep < 1 and all(b.fixed for b in budgets):
-                raise PruningError(f"no channel group can be pruned without breaking the model{_skipped_note(skipped)}")
+                raise PruningError("no channel group can be pruned without breaking the model"
+                                   f"{_skipped_note(skipped)}") from None
             timings["removal"] += time.perf_counter() - start
             start = time.perf_counter()
             continue
@@ -427,7 +460,9 @@ def prune(
             "full width): " + ("raise keep or relax those settings" if below else
                                "raise tolerance or lower round_to") + _skipped_note(skipped)
         )
+    eps_widths = eps if allocation == "paper" else cost_aware.certified_epsilon(budgets, widths)
     stage = {"keep": keep, "metric": metric, "variant": variant, "epsilon": eps, "seed": seed,
+             "allocation": allocation, "epsilon_widths": eps_widths,
              "importance": None if importance is None else getattr(importance, "__name__", type(importance).__name__),
              "groups": stage_groups}
     repaired = None
@@ -439,6 +474,7 @@ def prune(
     timings["total"] = time.perf_counter() - t0
     report = {
         "keep": keep, "metric": metric, "variant": variant, "epsilon": eps,
+        "allocation": allocation, "epsilon_widths": eps_widths,
         "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1,
         "target": keep, "achieved": measured / dense, "allowed_deviation": allowed / dense,
         "seconds": {k: round(v, 4) for k, v in timings.items()},
@@ -483,7 +519,7 @@ def _measured_floor(model, groups, budgets, choice_scores, example_inputs, metri
     """The cost of the smallest model the constraints allow (every group at its floor): measured,
     or the cost model's estimate where that smallest model cannot be built."""
     rng = np.random.default_rng(0)
-    widths = [allocation.constrain(b.min_keep, b) for b in budgets]
+    widths = [pfp_allocation.constrain(b.min_keep, b) for b in budgets]
     floor = [_group_plan(g, w, sc, "deterministic", rng) for g, w, sc in zip(groups, widths, choice_scores)]
     try:
         macs, params = count_cost(_apply_stage(model, floor, example_inputs, fold_gamma=False), example_inputs)
@@ -492,16 +528,16 @@ def _measured_floor(model, groups, budgets, choice_scores, example_inputs, metri
     return float(macs if metric == "macs" else params)
 
 
-def _budget(group: ChannelGroup, sensitivities, info, settings: dict, k: float) -> allocation.GroupBudget:
+def _budget(group: ChannelGroup, sensitivities, info, settings: dict, k: float) -> pfp_allocation.GroupBudget:
     """The allocation's view of a group: PFP scores, consumer terms and the user's constraints."""
     per_consumer = consumer_scores(group, sensitivities)
     floor = max(int(settings.get("min_channels") or 1), 1)
     if settings.get("max_prune_ratio") is not None:
         floor = max(floor, math.ceil((1.0 - settings["max_prune_ratio"]) * group.width - 1e-9))
-    return allocation.GroupBudget(
+    return pfp_allocation.GroupBudget(
         width=group.width,
         scores=channel_scores(per_consumer, group.width).double().numpy(),
-        terms=allocation.consumer_terms(per_consumer, info, k),
+        terms=pfp_allocation.consumer_terms(per_consumer, info, k),
         min_keep=min(floor, group.width),
         round_to=math.lcm(int(settings.get("round_to") or 1), group.ch_groups),
         fixed=bool(settings.get("skip", False)),

@@ -9,8 +9,9 @@ import copy
 import math
 import re
 import types
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -243,13 +244,35 @@ class PruneConfig(_Strict):
     delta: float = Field(1e-16, gt=0, lt=1, description="Failure probability delta of the PFP bounds.")
     c: float = Field(3.0, gt=0, description="Constant c in alpha_l = 2 c ln(8 (P_l+1) k_l / delta).")
     K: float = Field(3.0, gt=0, description="Constant K in m_l = K (6 + 2 eps) alpha_l S_l / eps^2.")
+    allocation: Literal["cost_aware", "paper", "uniform", "cost_aware_norefit"] = Field(
+        "cost_aware", description="How many channels each group keeps. cost_aware (default): spend the "
+        "budget where the least-squares output error after reconstruction (from calibration Gram "
+        "matrices) grows least per unit of cost; cost_aware_norefit: the same, error without refit; "
+        "uniform: one keep ratio for every group; paper: the paper's global eps (PFP.md §3). The "
+        "report gives the paper's eps in every case (docs/BENCHMARKS.md, Allocation).")
     reconstruct: ReconstructConfig = Field(
         default_factory=ReconstructConfig, description="Repair after removal: least_squares (default) "
         "or none (the paper's method). Shorthand: reconstruct: none.")
-    bn_recalibration_samples: int = Field(
-        2048, ge=0, description="Training images used to re-estimate BatchNorm statistics after "
-        "pruning (0 disables).")
+    bn_recalibration_samples: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="Training images used to re-estimate BatchNorm statistics after pruning "
+        "(0 disables). auto: 0 after least-squares reconstruction (measured: it changed top-1 by -0.33 "
+        "to +0.08 points there, docs/BENCHMARKS.md), 2048 with reconstruct: none (10 % -> 61 %).")
     seed: int = Field(0, description="Seed for the randomized and hybrid variants.")
+
+    @model_validator(mode="after")
+    def _bn_samples_for_the_repair(self) -> PruneConfig:
+        if self.bn_recalibration_samples == "auto":
+            _fill(self, "bn_recalibration_samples", 0 if self.reconstruct.method != "none" else 2048)
+        return self
+
+    @field_validator("allocation", mode="before")
+    @classmethod
+    def _known_allocation(cls, value: Any) -> Any:
+        valid = get_args(cls.model_fields["allocation"].annotation)
+        if isinstance(value, str) and value not in valid:
+            hint = closest(value, valid)
+            raise ValueError(f"must be one of {', '.join(valid)}" + (f'. Did you mean "{hint}"?' if hint else ""))
+        return value
 
     @field_validator("reconstruct", mode="before")
     @classmethod

@@ -10,8 +10,9 @@ import datetime
 import json
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from pfp_deploy.fileio import atomic_open
 

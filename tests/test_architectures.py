@@ -6,8 +6,11 @@ import torchvision
 from pfp_deploy.errors import UnsupportedModelError
 from pfp_deploy.pruning import count_cost, prune
 
-ARCHS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121",
-         "efficientnet_b0", "regnet_x_400mf", "resnext50_32x4d", "convnext_tiny"]
+# The default suite keeps one of each kind (inverted residual, depthwise + SE, grouped); the rest run
+# with --runslow (vgg11_bn alone is 12 s: reconstruction of its 4096-wide classifier).
+FAST = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "resnext50_32x4d"]
+SLOW = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "convnext_tiny"]  # resnet18: 20 s (4608-column Grams)
+ARCHS = FAST + [pytest.param(arch, marks=pytest.mark.slow) for arch in SLOW]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

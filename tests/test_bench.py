@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pfp_deploy.bench import (LatencyStats, Runner, compare_latency, hardware_fingerprint, make_runner,
-                              measure_latency)
+from pfp_deploy.bench import LatencyStats, Runner, compare_latency, hardware_fingerprint, make_runner, measure_latency
 from pfp_deploy.errors import ExportError, RuntimeUnavailableError, UsageError
 
 ort = pytest.importorskip("onnxruntime")

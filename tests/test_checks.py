@@ -211,6 +211,7 @@ def test_latency_settings_are_bounded_so_a_benchmark_cannot_hang():
     import signal
 
     from helpers.tiny_recipes import tiny_recipe
+
     from pfp_deploy.errors import RecipeError
     from pfp_deploy.recipe import load_recipe
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.tiny_recipes import REPO, one_thread, tiny_recipe, write_recipe  # noqa: F401 (fixture)
 
 import pfp_deploy.pipeline as pipeline
-from helpers.tiny_recipes import REPO, one_thread, tiny_recipe, write_recipe  # noqa: F401 (fixture)
 from pfp_deploy.cli import main
 from pfp_deploy.errors import UsageError
 

@@ -38,6 +38,7 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout, seconds
 
 
+@pytest.mark.slow  # the whole --quick benchmark run (~35 s); the scorer tests below stay in the default suite
 def test_quick_writes_all_outputs(quick_run):
     out, stdout, seconds = quick_run
     results = json.loads((out / "results.json").read_text())
@@ -52,6 +53,7 @@ def test_quick_writes_all_outputs(quick_run):
     print(f"quick run: {seconds:.1f} s")  # shown with pytest -s; the target is < 60 s on 2 idle cores
 
 
+@pytest.mark.slow
 def test_quick_numbers_are_sane(quick_run):
     out, _, _ = quick_run
     results = json.loads((out / "results.json").read_text())

@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfp_deploy.data import (build_data, calibration_size, calibration_subset, count_output_units,
-                             load_fashion_mnist, paper_calibration_size, read_idx)
+from pfp_deploy.data import (
+    build_data,
+    calibration_size,
+    calibration_subset,
+    count_output_units,
+    load_fashion_mnist,
+    paper_calibration_size,
+    read_idx,
+)
 from pfp_deploy.errors import DataError, PruningError
 from pfp_deploy.models import resnet20, vgg_small
 from pfp_deploy.recipe import DataConfig

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.finetune_toys import quadrant_data, tiny_net
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from helpers.finetune_toys import quadrant_data, tiny_net
 from pfp_deploy.distributed import (
     DistContext,
     all_reduce_max,

@@ -6,17 +6,18 @@ import math
 import random
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.finetune_toys import quadrant_data, tiny_net
+from helpers.tiny_recipes import one_thread  # noqa: E402,F401 (autouse fixture: one intra-op thread)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers.finetune_toys import quadrant_data, tiny_net
 from pfp_deploy.errors import TrainingError, UsageError
 from pfp_deploy.finetune import (
     FinetuneConfig,
+    _set_rng_state,  # private: checked directly for the RNG round trip
     build_optimizer,
     build_scheduler,
     distillation_loss,
@@ -26,10 +27,6 @@ from pfp_deploy.finetune import (
     recalibrate_batchnorm,
 )
 from pfp_deploy.recipe import validate_section
-from pfp_deploy.finetune import _set_rng_state  # private: checked directly for the RNG round trip
-
-
-from helpers.tiny_recipes import one_thread  # noqa: E402,F401 (autouse fixture: one intra-op thread)
 
 
 def loaders(n_train=128, n_val=64, batch=16, generator=True):

@@ -6,8 +6,14 @@ import torch
 from torch import nn
 
 from pfp_deploy.errors import ModelLoadError
-from pfp_deploy.models import (build_model, known_model_names, load_checkpoint_state, resnet20,
-                               torchvision_weights_file, vgg_small)
+from pfp_deploy.models import (
+    build_model,
+    known_model_names,
+    load_checkpoint_state,
+    resnet20,
+    torchvision_weights_file,
+    vgg_small,
+)
 from pfp_deploy.recipe import ModelConfig
 
 
@@ -86,7 +92,8 @@ def test_factory(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
         "import torch\n"
         "def tiny(num_classes, width=4):\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, width), torch.nn.Linear(width, num_classes))\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, width),\n"
+        "                               torch.nn.Linear(width, num_classes))\n"
         "def not_a_model():\n    return 42\n"
         "def broken():\n    raise RuntimeError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

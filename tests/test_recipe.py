@@ -188,3 +188,13 @@ def test_training_config_is_the_loops_config():
     assert (recipe.finetune.optimizer.name, recipe.finetune.optimizer.lr, recipe.finetune.distill.alpha) == \
         ("adamw", 0.001, 0.7)
     assert distills(recipe.finetune) and not distills(load_recipe(MINIMAL).finetune)  # off by default
+
+
+def test_repair_defaults_follow_the_measurements():
+    # Reconstruction by default; BN re-estimation only where it was measured to help (after none).
+    default = load_recipe(MINIMAL).prune
+    assert default.reconstruct.method == "least_squares" and default.bn_recalibration_samples == 0
+    paper = load_recipe(with_("prune", reconstruct="none")).prune  # the shorthand names the paper's method
+    assert paper.reconstruct.method == "none" and paper.bn_recalibration_samples == 2048
+    assert load_recipe(with_("prune", bn_recalibration_samples=64)).prune.bn_recalibration_samples == 64
+    assert "prune.reconstruct.method" in error_of(with_("prune", reconstruct="lsq"))

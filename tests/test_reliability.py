@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-
 from helpers.tiny_recipes import one_thread, tiny_recipe, write_recipe  # noqa: F401 (fixture)
+
 from pfp_deploy.cli import main
 from pfp_deploy.pipeline import artifact_sha256
 from pfp_deploy.pruning import Plan, load_pruned, save_pruned

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+import pfp_deploy.report as report_module
 from pfp_deploy.bench import LatencyStats
 from pfp_deploy.checks import GateCheck, TargetResult
 from pfp_deploy.export import OutputParity, ParityReport, RuntimeParity
-import pfp_deploy.report as report_module
-from pfp_deploy.report import (format_summary, plot_accuracy_vs_macs, render_markdown, write_json_atomic,
-                               write_report)
+from pfp_deploy.report import format_summary, plot_accuracy_vs_macs, render_markdown, write_json_atomic, write_report
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
                                       reason="matplotlib (the report extra) is not installed")

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from helpers.tiny_recipes import REPO, one_thread, tiny_recipe, write_recipe  # noqa: F401 (fixture)
+
 from pfp_deploy.errors import UsageError
 from pfp_deploy.pipeline import optimize
 

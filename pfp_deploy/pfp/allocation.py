@@ -121,6 +121,16 @@ class CostModel:
         scale = float(np.sum(self.volume * out)) / dense_volume
         return self._modelled(widths) + self.rest * scale + self.offset
 
+    def one_group_terms(self, widths) -> tuple[float, np.ndarray, np.ndarray]:
+        """(base, lin, quad) with cost(widths - s e_g) = base - s lin[g] + s^2 quad[g] exactly, for
+        every group g at once (the cost is bilinear in the widths): the cost of lowering one group."""
+        out, inp = self._counts(widths)
+        dense_volume = float(np.sum(self.volume * self.out0)) or 1.0
+        lin = (self.a_out.T @ (self.bilinear * inp) + self.a_in.T @ (self.bilinear * out)
+               + self.a_out.T @ self.linear + self.rest * (self.a_out.T @ self.volume) / dense_volume)
+        quad = (self.a_out * self.a_in).T @ self.bilinear
+        return self(widths), lin, quad
+
     def correct(self, predicted: float, measured: float) -> None:
         """Shift the model by a real measurement's residual (used between allocation passes)."""
         self.offset += measured - predicted

@@ -23,7 +23,7 @@ BN + ReLU cancellation) can then differ by 1e-3..1e-2 relative, whatever compute
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
+from finetune_toys import quadrant_data, tiny_net
 from torch.utils.data import DataLoader
 
-from finetune_toys import quadrant_data, tiny_net
 from pfp_deploy.distributed import all_reduce_max, barrier, cleanup, init_distributed, wrap_loader_for_distributed
 from pfp_deploy.finetune import FinetuneConfig, evaluate, finetune
 

@@ -1,0 +1,380 @@
+"""Cost-aware width allocations: `uniform` and the least-squares error allocation `cost_aware`.
+
+The paper's allocation (allocation.allocate, PFP.md §3) is cost-blind: one global eps sets every
+group's width from its sensitivities alone, whatever a channel costs. The allocations here spend
+the MACs (or parameter) budget instead:
+
+* ``uniform``: one keep ratio r for every group (width = constrain(ceil(r * C_g))), r found by
+  bisection so that the cost hits the target, then closed with the paper's greedy fill.
+* ``cost_aware``: the error each group's width causes is measured from calibration statistics
+  and the budget goes where the error per unit of cost saved is lowest.
+
+Error model (``cost_aware``). For every dense consumer l (Conv2d groups=1, Linear) the input Gram
+G = X^T X of its calibration patches (float64, rows as reconstruction builds them: r = c*kk + k,
+plus a ones column when it has a bias) is accumulated in one pass of the dense model. Removing
+the input columns R of l and refitting the rest by least squares (what reconstruction does) leaves
+the residual, per output f,
+
+    r_f(R) = w_R^T (G_RR - G_RS G_SS^-1 G_SR) w_R = w_R^T ((G^-1)_RR)^-1 w_R
+
+(the Schur complement: no forward pass needed). Channels leave a group in the criterion's order
+(lowest score first), so the removed sets are nested prefixes; with L = chol((G^-1)_PP) for the
+group's columns P in that order and Z = L^-1 W_P^T, r(first m columns) is the sum of the first m
+squared rows of Z: one Cholesky and one triangular solve give the whole error(width) curve. Each
+output's residual is divided by that output's dense (centred) energy, so the error is a mean
+relative squared error over output channels, invariant to the per-channel scale BatchNorm applies
+next; a group's curve is the sum over its consumers (a consumer reading several groups is counted
+once per group, the other groups' columns kept). ``cost_aware_norefit`` uses the residual without
+the refit, w_R^T G_RR w_R (for prune-only pipelines).
+
+Spending: start with every group at full width and repeatedly lower the group (by 1, 2, 4, ...
+round_to steps) whose error increase per unit of cost saved is the smallest, until the cost
+model reaches the target; the cost of lowering one group is exact (the cost model is bilinear in
+the widths, so a one-group change is a quadratic in its step, see CostModel.one_group_terms).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import UsageError
+from .allocation import EPS_RANGE, CostModel, GroupBudget, constrain, group_keep
+
+ALLOCATIONS = ("cost_aware", "paper", "uniform", "cost_aware_norefit")
+DEFAULT_ALLOCATION = "cost_aware"
+GRAM_ALLOCATIONS = ("cost_aware", "cost_aware_norefit")
+MAX_GRAM_COLUMNS = 8192  # wider consumers use their Gram's diagonal only (a 8192^2 float64 Gram is 512 MB)
+JUMPS = np.array([1, 2, 4, 8, 16, 32])  # lookahead in valid-width steps (non-convex error curves)
+
+
+def check_allocation(name) -> str:
+    from ..errors import did_you_mean
+
+    if name not in ALLOCATIONS:
+        raise UsageError(f"allocation must be one of {ALLOCATIONS}, got {name!r}.{did_you_mean(str(name), ALLOCATIONS)}")
+    return name
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@dataclass
+class ConsumerStats:
+    """One dense consumer's calibration statistics: Gram of its input rows, and its weights."""
+
+    name: str
+    gram: np.ndarray       # [R(+1), R(+1)] float64 (or [R(+1)] diagonal when too wide)
+    weight: np.ndarray     # [F, R(+1)] float64, bias as the last column when there is one
+    kernel: int            # columns per input channel (kh*kw; 1 for Linear)
+    rows: float            # calibration rows accumulated
+    has_bias: bool
+
+    @property
+    def diagonal(self) -> bool:
+        return self.gram.ndim == 1
+
+
+def gram_statistics(model: nn.Module, calibration, names: list[str], max_memory_mb: float = 1024.0
+                    ) -> dict[str, ConsumerStats]:
+    """Input Grams of the named dense layers over `calibration`, in as few dense passes as fit.
+
+    Runs the model in eval mode without gradients; summed across ranks under torchrun."""
+    from ..distributed import all_reduce_sum
+    from .sensitivity import _first_tensor, _patches
+
+    modules = dict(model.named_modules())
+    budget = max(1.0, max_memory_mb) * 2**20
+    sizes = {}
+    for n in names:
+        w = modules[n].weight
+        cols = w[0].numel() + int(modules[n].bias is not None)
+        sizes[n] = 8.0 * (cols if cols > MAX_GRAM_COLUMNS else cols * cols)
+    passes, current, used = [], [], 0.0
+    for n in names:
+        if current and used + sizes[n] > budget:
+            passes.append(current)
+            current, used = [], 0.0
+        current.append(n)
+        used += sizes[n]
+    if current:
+        passes.append(current)
+    stats = {}
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for chunk in passes:
+            acc = {}
+            for n in chunk:
+                m = modules[n]
+                cols = m.weight[0].numel() + int(m.bias is not None)
+                acc[n] = [torch.zeros((cols,) if cols > MAX_GRAM_COLUMNS else (cols, cols), dtype=torch.float64,
+                                      device=device), 0]
+
+            def hook_for(name):
+                layer = modules[name]
+
+                def hook(module, inputs, output):
+                    a = inputs[0].detach().float()
+                    u, _ = _patches(layer, a)  # [B, R, P]
+                    x = u.transpose(1, 2).reshape(-1, u.shape[1])
+                    step = max(1, int(64 * 2**20 // (8 * max(1, x.shape[1]))))
+                    g = acc[name]
+                    for s in range(0, x.shape[0], step):
+                        xs = x[s:s + step].double()
+                        if layer.bias is not None:
+                            xs = torch.cat([xs, torch.ones(xs.shape[0], 1, dtype=xs.dtype, device=xs.device)], 1)
+                        if g[0].ndim == 1:
+                            g[0] += (xs * xs).sum(0)
+                        else:
+                            g[0].addmm_(xs.t(), xs)
+                        g[1] += xs.shape[0]
+                return hook
+
+            handles = [modules[n].register_forward_hook(hook_for(n)) for n in chunk]
+            try:
+                with torch.no_grad():
+                    for batch in calibration:
+                        x = _first_tensor(batch)
+                        if x.shape[0]:
+                            model(x.to(device))
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in chunk:
+                gram, rows = acc[n]
+                gram = all_reduce_sum(gram)
+                rows = float(all_reduce_sum(torch.tensor([float(rows)], dtype=torch.float64, device=device))[0])
+                m = modules[n]
+                w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
+                if m.bias is not None:
+                    w = torch.cat([w, m.bias.detach().double()[:, None]], 1)
+                kernel = 1 if isinstance(m, nn.Linear) else m.kernel_size[0] * m.kernel_size[1]
+                stats[n] = ConsumerStats(n, gram.cpu().numpy(), w.cpu().numpy(), kernel, rows, m.bias is not None)
+    finally:
+        for m, flag in training:
+            m.training = flag
+    return stats
+
+
+def removal_order(scores: np.ndarray, ch_groups: int = 1) -> np.ndarray:
+    """Group channels in the order the criterion drops them (lowest score first; ties: the higher
+    index first, the reverse of selection.top_channels). Grouped convs drop tied positions together."""
+    if ch_groups == 1:
+        keep_order = np.argsort(-scores, kind="stable")
+        return keep_order[::-1].copy()
+    per = scores.size // ch_groups
+    tied = scores.reshape(ch_groups, per).max(axis=0)
+    positions = np.argsort(-tied, kind="stable")[::-1]
+    return (positions[:, None] + per * np.arange(ch_groups)[None, :]).reshape(-1)
+
+
+def _output_energy(stats: ConsumerStats) -> np.ndarray:
+    """Per output: centred dense energy w_f^T (G - s s^T / n) w_f (the variance BatchNorm divides by)."""
+    w, g = stats.weight, stats.gram
+    if stats.diagonal:
+        energy = (w * w * g[None, :]).sum(1)
+    else:
+        energy = ((w @ g) * w).sum(1)  # BLAS; a 3-operand einsum without a path loops naively (20x slower)
+        if stats.has_bias and stats.rows > 0:  # the bias column is all ones: its row of G holds the sums
+            mean = g[-1] @ w.T / stats.rows
+            energy = energy - stats.rows * mean * mean
+    scale = float(energy.max()) if energy.size else 0.0
+    return np.maximum(energy, 1e-12 * scale + 1e-300)
+
+
+def consumer_curve(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndarray, order: np.ndarray,
+                   ridge: float, refit: bool = True) -> np.ndarray:
+    """err[j] for j = 0..width: the consumer's mean relative squared output error when the group's
+    first j channels of `order` are removed (its other input columns kept)."""
+    width = order.size
+    rank = np.empty(width, dtype=np.int64)
+    rank[order] = np.arange(width)
+    entries = np.argsort(rank[root_idxs], kind="stable")  # consumer inputs, in removal order
+    kk = stats.kernel
+    cols = (in_idxs[entries][:, None] * kk + np.arange(kk)[None, :]).reshape(-1)
+    # columns removed after j channels: kk x (number of mapped inputs whose root rank is < j)
+    per_channel = np.bincount(rank[root_idxs], minlength=width)
+    ncols = np.concatenate([[0], np.cumsum(per_channel) * kk])
+    w = stats.weight / np.sqrt(_output_energy(stats))[:, None]  # per-output normalisation
+    wp = w[:, cols]
+    g = stats.gram
+    if stats.diagonal:  # too wide for a full Gram: columns treated as uncorrelated (no refit gain)
+        per_col = (wp * wp * g[cols][None, :]).sum(0)
+        cum = np.concatenate([[0.0], np.cumsum(per_col)])
+    elif float(np.trace(g)) <= 0.0:  # the consumer never sees a non-zero input: nothing to lose
+        cum = np.zeros(cols.size + 1)
+    elif refit:
+        total = g.shape[0]
+        lam = max(ridge, 1e-6) * float(np.trace(g)) / max(1, total)
+        gt = torch.from_numpy(g) + lam * torch.eye(total, dtype=torch.float64)
+        q = torch.cholesky_inverse(torch.linalg.cholesky(gt))
+        idx = torch.from_numpy(cols)
+        qp = q[idx][:, idx]
+        qp = 0.5 * (qp + qp.T)
+        chol, info = torch.linalg.cholesky_ex(qp)
+        if int(info):
+            chol = torch.linalg.cholesky(qp + 1e-12 * float(torch.trace(qp)) / max(1, qp.shape[0])
+                                         * torch.eye(qp.shape[0], dtype=torch.float64))
+        z = torch.linalg.solve_triangular(chol, torch.from_numpy(np.ascontiguousarray(wp.T)), upper=False).numpy()
+        cum = np.concatenate([[0.0], np.cumsum((z * z).sum(1))])
+    else:  # no refit: w_R^T G_RR w_R for nested prefixes, from the 2-D cumulative sum
+        m = g[np.ix_(cols, cols)] * (wp.T @ wp)
+        c2 = m.cumsum(0).cumsum(1)
+        cum = np.concatenate([[0.0], np.diagonal(c2).copy()])
+    return cum[ncols] / w.shape[0]
+
+
+# ----------------------------------------------------------------------------- spending
+
+def _valid_widths(budget: GroupBudget) -> np.ndarray:
+    """Every width the constraints allow, descending (the full width first)."""
+    if budget.fixed:
+        return np.array([budget.width])
+    return np.array(sorted({constrain(k, budget) for k in range(1, budget.width + 1)}, reverse=True))
+
+
+def allocate_by_error(budgets: list[GroupBudget], cost: CostModel, target: float, tolerance: float,
+                      curves: list[np.ndarray]) -> list[int]:
+    """Widths with cost within `tolerance` of `target` (when reachable), lowering the group with the
+    least error added per unit of cost saved at each step. curves[g][j]: error with j channels removed."""
+    levels = [_valid_widths(b) for b in budgets]
+    count = len(budgets)
+    depth = max(len(v) for v in levels)
+    widths_pad = np.zeros((count, depth))
+    err_pad = np.full((count, depth), np.inf)
+    for g, (v, b) in enumerate(zip(levels, budgets)):
+        widths_pad[g, :len(v)] = v
+        widths_pad[g, len(v):] = v[-1]
+        err_pad[g, :len(v)] = np.asarray(curves[g], float)[b.width - v]
+    last = np.array([len(v) - 1 for v in levels])
+    pos = np.zeros(count, dtype=np.int64)
+    rows = np.arange(count)[:, None]
+    while True:
+        widths = widths_pad[np.arange(count), pos]
+        current = cost(widths)
+        if current <= target + 0.5 * tolerance:
+            break
+        cand = np.minimum(pos[:, None] + JUMPS[None, :], last[:, None])
+        valid = cand > pos[:, None]
+        step = widths[:, None] - widths_pad[rows, cand]  # channels removed by each candidate
+        base, lin, quad = cost.one_group_terms(widths)
+        saved = lin[:, None] * step - quad[:, None] * step * step  # cost(widths) - cost(candidate)
+        added = err_pad[rows, cand] - err_pad[np.arange(count), pos][:, None]
+        ok = valid & (saved > 0)
+        if not ok.any():
+            break
+        after = current - saved
+        landing = after >= target - 0.5 * tolerance  # does not overshoot the target band
+        use = ok & landing if (ok & landing).any() else ok
+        ratio = np.where(use, np.maximum(added, 0.0) / np.where(saved > 0, saved, 1.0), np.inf)
+        if not (ok & landing).any():  # every move overshoots: the smallest overshoot
+            ratio = np.where(use, -after, np.inf)
+        g, j = np.unravel_index(np.argmin(ratio), ratio.shape)
+        pos[g] = cand[g, j]
+    widths = [int(w) for w in widths_pad[np.arange(count), pos]]
+    return _fill_by_error(widths, budgets, levels, cost, target, tolerance, curves)
+
+
+def _fill_by_error(widths, budgets, levels, cost, target, tolerance, curves):
+    """Add channels back (one valid step at a time) while below the target band: the step removing
+    the most error per unit of cost first."""
+    widths = list(widths)
+    while cost(widths) < target - 0.25 * tolerance:
+        current = cost(widths)
+        best, best_gain = None, -1.0
+        for g, (v, b) in enumerate(zip(levels, budgets)):
+            above = v[v > widths[g]]
+            if above.size == 0:
+                continue
+            nxt = int(above.min())
+            trial = widths.copy()
+            trial[g] = nxt
+            delta = cost(trial) - current
+            if current + delta > target + 0.5 * tolerance:
+                continue
+            gain = (curves[g][b.width - widths[g]] - curves[g][b.width - nxt]) / delta if delta > 0 else math.inf
+            if gain > best_gain:
+                best, best_gain = (g, nxt), gain
+        if best is None:
+            break
+        widths[best[0]] = best[1]
+    return widths
+
+
+def allocate_uniform(budgets: list[GroupBudget], cost: CostModel, target: float, tolerance: float) -> list[int]:
+    """One keep ratio r for every group (then the constraints), r by bisection so the cost fits the
+    target; the gap the rounding leaves is closed one round_to step at a time, always on the group
+    whose kept fraction is the lowest, so the ratios stay as equal as the rounding allows."""
+    def widths_at(r: float) -> list[int]:
+        return [constrain(int(math.ceil(r * b.width - 1e-9)), b) for b in budgets]
+
+    lo, hi = 0.0, 1.0
+    if cost(widths_at(hi)) > target:
+        for _ in range(60):  # cost is non-decreasing in r: cost(lo) <= target < cost(hi)
+            mid = 0.5 * (lo + hi)
+            if cost(widths_at(mid)) <= target + 0.5 * tolerance:
+                lo = mid
+            else:
+                hi = mid
+        widths = widths_at(lo)
+    else:
+        widths = widths_at(hi)
+    levels = [_valid_widths(b) for b in budgets]
+    blocked: set[int] = set()
+    while cost(widths) < target - 0.25 * tolerance:
+        open_groups = [g for g, b in enumerate(budgets) if g not in blocked and (levels[g] > widths[g]).any()]
+        if not open_groups:
+            break
+        g = min(open_groups, key=lambda i: (widths[i] / budgets[i].width, i))
+        trial = widths.copy()
+        trial[g] = int(levels[g][levels[g] > widths[g]].min())
+        if cost(trial) > target + 0.5 * tolerance:
+            blocked.add(g)
+            continue
+        widths = trial
+    return widths
+
+
+def group_curves(groups, stats: dict[str, ConsumerStats], orders: list[np.ndarray], ridge: float,
+                 refit: bool) -> list[np.ndarray]:
+    """Per group, err[j] summed over its dense consumers (j channels removed in `orders`' order)."""
+    curves = []
+    for group, order in zip(groups, orders):
+        curve = np.zeros(group.width + 1)
+        for consumer in group.consumers:
+            s = stats.get(consumer.name)
+            if s is None:
+                continue
+            curve += consumer_curve(s, consumer.in_idxs.numpy(), consumer.root_idxs.numpy(), order, ridge, refit)
+        curves.append(np.maximum.accumulate(curve))  # removing more never helps
+    return curves
+
+
+def certified_epsilon(budgets: list[GroupBudget], widths: list[int]) -> float | None:
+    """The paper's eps for given widths: the smallest eps at which every group's §3 keep fits in its
+    width (the bound those widths carry). None when even the largest eps keeps more than a width."""
+    lo_all, hi_all = math.log(EPS_RANGE[0]), math.log(EPS_RANGE[1])
+    worst = lo_all
+    for b, w in zip(budgets, widths):
+        if b.fixed or w >= b.width or not b.terms:
+            continue
+        if group_keep(math.exp(hi_all), b) > w:
+            return None
+        if group_keep(math.exp(worst), b) <= w:
+            continue
+        lo, hi = worst, hi_all  # keep(lo) > w >= keep(hi)
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if group_keep(math.exp(mid), b) <= w:
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo < 1e-9:
+                break
+        worst = hi
+    return math.exp(worst)
