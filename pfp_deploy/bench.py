@@ -45,8 +45,8 @@ class Runner:
         raise NotImplementedError
 
     def to_numpy(self, outputs: Any) -> list[np.ndarray]:
-        """Native outputs as a flat list of float32 numpy arrays."""
-        raise NotImplementedError
+        """The outputs as float32 arrays; this default fits runtimes that return a list of arrays."""
+        return [np.asarray(o, dtype=np.float32) for o in outputs]
 
     def outputs(self, x: torch.Tensor) -> list[np.ndarray]:
         """Convenience: prepare, run and convert in one call."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from pfp_deploy.bench import Runner
 from pfp_deploy.errors import ExportError, RuntimeUnavailableError, UsageError, did_you_mean
 from pfp_deploy.runtimes import Runtime, choose, register_runtime
@@ -31,9 +29,6 @@ class OrtRunner(Runner):
 
     def run(self, prepared):
         return self.session.run(None, prepared)
-
-    def to_numpy(self, outputs):
-        return [np.asarray(o, dtype=np.float32) for o in outputs]
 
 
 @register_runtime

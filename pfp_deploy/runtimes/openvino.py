@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from pfp_deploy.bench import Runner
 from pfp_deploy.errors import ExportError, RuntimeUnavailableError, did_you_mean
 from pfp_deploy.runtimes import PRECISIONS, Runtime, register_runtime
@@ -28,9 +26,6 @@ class OpenVinoRunner(Runner):
 
     def run(self, prepared):
         return list(self.request.infer(prepared).to_tuple())
-
-    def to_numpy(self, outputs):
-        return [np.asarray(o, dtype=np.float32) for o in outputs]
 
 
 @register_runtime
