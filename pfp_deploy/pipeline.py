@@ -398,6 +398,7 @@ def new_report(recipe: Recipe, path: Path) -> dict:
                   "input_shape": recipe.model.input_shape},
         "data": {"format": recipe.data.format},
         "prune": {"method": recipe.prune.method, "metric": recipe.prune.metric, "variant": recipe.prune.variant,
+                  "allocation": recipe.prune.allocation, "reconstruct": recipe.prune.reconstruct.method,
                   "schedule": recipe.prune.schedule or [recipe.prune.keep], "stages": [], "groups": []},
         "accuracy": {}, "finetune": {"stages": []},
         "export": None, "targets": None, "checks": None, "times": {}, "env": None,

@@ -251,7 +251,9 @@ def _pruning(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
     prune = report.get("prune")
     if not prune:
         return lines + [NOT_RUN]
-    lines += [f"Metric `{prune.get('metric', '?')}` · variant `{prune.get('variant', '?')}`", ""]
+    facts = [f"{label} `{prune[key]}`" for key, label in (("method", "Criterion"), ("metric", "metric"),
+             ("variant", "variant"), ("allocation", "allocation"), ("reconstruct", "reconstruction")) if prune.get(key)]
+    lines += [" · ".join(facts), ""]
     stages = prune.get("stages") or []
     if stages:
         rows = []
