@@ -40,7 +40,6 @@ import statistics
 import sys
 import time
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,8 @@ import torch_pruning as tp
 from torch.utils.data import DataLoader, TensorDataset
 
 from pfp_deploy.bench import hardware_fingerprint, make_runner, measure_latency
+from pfp_deploy.criteria import get_criterion
+from pfp_deploy.criteria._scorer import GroupScorer
 from pfp_deploy.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_ROOT,
@@ -66,14 +67,10 @@ from pfp_deploy.finetune import FinetuneConfig, evaluate, finetune, recalibrate_
 from pfp_deploy.models import resnet20, vgg_small
 from pfp_deploy.report import write_json_atomic
 
-CRITERIA: dict[str, Callable[[], Any]] = {
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "bn": lambda: tp.importance.BNScaleImportance(),
-    "taylor": lambda: tp.importance.GroupTaylorImportance(),
-    "fpgm": lambda: tp.importance.FPGMImportance(),
-    "random": lambda: tp.importance.RandomImportance(),
-}
+# Benchmark name -> pfp_deploy.criteria name ("bn" predates the registry's "bn_scale"; kept so that
+# cells.jsonl rows and the published tables keep their method names).
+CRITERIA: dict[str, str] = {"l1": "l1", "l2": "l2", "bn": "bn_scale", "taylor": "taylor", "fpgm": "fpgm",
+                            "random": "random"}
 PFP_VARIANTS = ("deterministic", "randomized", "hybrid")
 ALLOCATIONS = ("uniform", "global", "pfp-alloc")
 ALL_METHODS = [f"pfp:{v}" for v in PFP_VARIANTS] + [f"{c}:{a}" for c in CRITERIA for a in ALLOCATIONS]
@@ -239,70 +236,13 @@ def output_layer(model: nn.Module) -> nn.Module:
 
 # -------------------------------------------------------------------------------------------- scoring
 
-class GroupScorer:
-    """A torch-pruning importance, computed once per group and usable on any deep copy of one model.
-
-    Groups are recognised by their root layer's name (torch-pruning and PFP both root groups at a
-    conv/linear output), so MetaPruner's bisection and PFP's allocation see the same scores.
-    Taylor's gradients are taken once on the calibration batches and re-attached to whichever copy
-    is scored (deep copies drop .grad); random scores are seeded per group, so repeated calls agree.
-    `seconds` is the wall time of the scoring itself (gradient pass included).
-    """
-
-    def __init__(self, criterion: str, model: nn.Module, calibration: list, seed: int, need_vector: bool):
-        self.criterion, self.seed, self.need_vector = criterion, seed, need_vector
-        self.importance = CRITERIA[criterion]()
-        self.fallback = tp.importance.GroupMagnitudeImportance(p=1)
-        self.cache: dict[tuple[str, int], torch.Tensor | None] = {}
-        self.grads: dict[str, torch.Tensor] = {}
-        self.seconds = 0.0
-        if criterion == "taylor":
-            started = time.perf_counter()
-            self.grads = taylor_gradients(model, calibration)
-            self.seconds += time.perf_counter() - started
-
-    def __call__(self, group) -> torch.Tensor | None:
-        names = group._DG._module2name
-        key = (names[group[0].dep.target.module], len(group[0].idxs))
-        if key not in self.cache:
-            started = time.perf_counter()
-            self.cache[key] = self._score(group, key)
-            self.seconds += time.perf_counter() - started
-        scores = self.cache[key]
-        if scores is None and self.need_vector:
-            # BN scale has nothing to say about a group without BatchNorm (VGG's hidden Linear):
-            # MetaPruner then leaves it alone, PFP's allocation needs a ranking, so use L1 there.
-            scores = self.fallback(group)
-        return None if scores is None else scores.clone()
-
-    def _score(self, group, key) -> torch.Tensor | None:
-        if self.criterion == "random":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(repr(key).encode()))
-                return self.importance(group)
-        # The scored model may be the caller's own (PFP builds its graph on it): lend it this scorer's
-        # gradients and give its own back, so no stale gradient survives into another cell.
-        params = dict(group._DG.model.named_parameters()) if self.grads else {}
-        own = {name: param.grad for name, param in params.items()}
-        try:
-            for name, param in params.items():
-                if name in self.grads and self.grads[name].shape == param.shape:
-                    param.grad = self.grads[name]
-            with torch.no_grad():
-                scores = self.importance(group)
-        finally:
-            for name, param in params.items():
-                param.grad = own[name]
-        return None if scores is None else scores.detach().float().cpu()
-
-
-def taylor_gradients(model: nn.Module, calibration: list) -> dict[str, torch.Tensor]:
-    """Gradients of the summed cross-entropy over the calibration batches (eval mode: BN stats untouched)."""
-    work = copy.deepcopy(model).eval()
-    work.zero_grad(set_to_none=True)
-    for x, y in calibration:
-        nn.functional.cross_entropy(work(x), y, reduction="sum").backward()
-    return {n: p.grad.detach().clone() for n, p in work.named_parameters() if p.grad is not None}
+def make_scorer(criterion: str, model: nn.Module, calibration: list, seed: int, need_vector: bool) -> GroupScorer:
+    """The registry's scorer for a benchmark criterion (pfp_deploy.criteria; GroupScorer explains the
+    caching, seeding and gradient lending). need_vector=False: None where the criterion has nothing
+    to say (BN scale without BatchNorm), which MetaPruner leaves alone; PFP's allocation needs a ranking."""
+    scorer = get_criterion(CRITERIA[criterion]).importance(model, calibration, seed)
+    scorer.need_vector = need_vector
+    return scorer
 
 
 # -------------------------------------------------------------------------------------------- pruning
@@ -358,10 +298,11 @@ def prune(method: str, model: nn.Module, data: Data, calibration: list, keep: fl
         if pfp_prune is None:
             raise RuntimeError("pfp_deploy.pruning.prune is not available yet")
         shared = {} if shared is None else shared
-        scorer = GroupScorer(criterion, model, calibration, seed, need_vector=True) if criterion != "pfp" else None
+        scorer = make_scorer(criterion, model, calibration, seed, need_vector=True) if criterion != "pfp" else None
+        # The published §5 tables: the paper's allocation, no reconstruction (to be rerun with the new defaults).
         result = pfp_prune(model, calibration, data.example, keep=keep, metric="macs",
                            variant=kind if criterion == "pfp" else "deterministic", seed=seed, importance=scorer,
-                           sensitivities=shared.get("sensitivities"))
+                           sensitivities=shared.get("sensitivities"), allocation="paper", reconstruct="none")
         pruned, report = result.model, dict(result.report)
         if "sensitivities" not in shared:
             shared["sensitivities"] = result.sensitivities
@@ -375,7 +316,7 @@ def prune(method: str, model: nn.Module, data: Data, calibration: list, keep: fl
         # PFP's sensitivity pass decides how many channels (allocation); the criterion, which ones.
         info["score_s"] = shared["seconds"] + (scorer.seconds if scorer else 0.0)
     else:
-        scorer = GroupScorer(criterion, model, calibration, seed, need_vector=False)
+        scorer = make_scorer(criterion, model, calibration, seed, need_vector=False)
         pruned, info = tp_prune(model, data.example, scorer, keep, kind == "global", s.mac_tol)
         info["score_s"] = scorer.seconds
         reused = 0.0

@@ -568,7 +568,8 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
                    max_prune_ratio=cfg.max_prune_ratio, ignored_layers=cfg.ignored_layers,
                    overrides={k: v.model_dump(exclude_none=True) for k, v in cfg.overrides.items()},
                    seed=cfg.seed, tolerance=cfg.tolerance / current,
-                   delta=cfg.delta, c=cfg.c, K=cfg.K, sensitivities=scores, reconstruct="none", allocation=cfg.allocation)
+                   delta=cfg.delta, c=cfg.c, K=cfg.K, sensitivities=scores, reconstruct="none", allocation=cfg.allocation,
+                   method=cfg.method)
     pruned = result.model
     run.write_json(f"checkpoints/sensitivity{step}.json", scores)
     macs, params = count_cost(pruned, example)
@@ -590,7 +591,8 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
         recalibrate_batchnorm(pruned, loader, cfg.bn_recalibration_samples, dist.device)
         accuracies["bn_recalibrated"] = accuracy(pruned, data, dist)
         log.info("step %d: top-1 %.2f %% after BN re-calibration", step, accuracies["bn_recalibrated"]["top1"])
-    report = {"keep": keep, "keep_relative": result.report["target"], "epsilon": result.report["epsilon"],
+    report = {"keep": keep, "keep_relative": result.report["target"], "method": result.report["method"],
+              "epsilon": result.report["epsilon"],
               "allocation": result.report["allocation"], "epsilon_widths": result.report["epsilon_widths"],
               "achieved": achieved, "macs": macs, "params": params,
               "seconds": {**result.report["seconds"], "sensitivity": round(seconds, 4)},

@@ -318,13 +318,17 @@ def prune(
     allocation: str = cost_aware.DEFAULT_ALLOCATION,
     sensitivities: dict[str, torch.Tensor] | None = None,
     importance: Callable | None = None,
+    method: str = "pfp",
     progress: bool = False,
 ) -> PruneResult:
     """Prune `model` with PFP so that its MACs (or params) are `keep` x the model given.
 
     `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs).
     `importance(tp_group) -> Tensor[width]` replaces PFP's channel scores for choosing channels
-    (PFP still decides how many each group keeps). delta, c and K are the constants of the paper's
+    (PFP still decides how many each group keeps). `method` names a registered criterion
+    (pfp_deploy.criteria: "pfp", the default, is PFP's own scores; "l1", "l2", "taylor", "fpgm",
+    "bn_scale", "random", ...) that builds that callable; give `method` or `importance`, not both.
+    delta, c and K are the constants of the paper's
     sample complexity (PFP.md §3).
 
     The model given is never modified in any way (weights, train/eval flags, caches): scoring,
@@ -363,6 +367,7 @@ def prune(
     layer in `ignored_layers` skips it without the note.
     """
     _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio)
+    criterion = _check_method(method, importance, variant)
     cost_aware.check_allocation(allocation)
     repair = validate_section(ReconstructConfig, {"method": reconstruct} if isinstance(reconstruct, str)
                               else reconstruct, "reconstruct")
@@ -380,6 +385,11 @@ def prune(
     if sensitivities is None:
         sensitivities = compute_sensitivity(work, calibration, progress=progress)
     timings["sensitivity"] = time.perf_counter() - start
+
+    if importance is None and criterion.name != "pfp":
+        start = time.perf_counter()
+        importance = criterion.importance(work, calibration, seed)
+        timings["criterion"] = time.perf_counter() - start
 
     start = time.perf_counter()
     graph = build_graph(work, example_inputs)
@@ -474,6 +484,7 @@ def prune(
     timings["total"] = time.perf_counter() - t0
     report = {
         "keep": keep, "metric": metric, "variant": variant, "epsilon": eps,
+        "method": criterion.name if importance is None or criterion.name != "pfp" else "importance",
         "allocation": allocation, "epsilon_widths": eps_widths,
         "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1,
         "target": keep, "achieved": measured / dense, "allowed_deviation": allowed / dense,
@@ -542,6 +553,20 @@ def _budget(group: ChannelGroup, sensitivities, info, settings: dict, k: float) 
         round_to=math.lcm(int(settings.get("round_to") or 1), group.ch_groups),
         fixed=bool(settings.get("skip", False)),
     )
+
+
+def _check_method(method: str, importance: Callable | None, variant: str):
+    """The registered criterion `method` names; UsageError for an unknown name or a clash with importance=."""
+    from .criteria import get_criterion  # the registry loads its files on first use
+
+    criterion = get_criterion(method)  # UsageError with a did-you-mean
+    if importance is not None and criterion.name != "pfp":
+        raise UsageError(f"give method= or importance=, not both (got method={method!r} and an importance "
+                         "callable): method names a registered criterion that builds the importance")
+    if criterion.name != "pfp" and variant != "deterministic":
+        raise UsageError(f"variant {variant!r} samples channels by PFP's sensitivities; with method "
+                         f"{criterion.name!r} the criterion's scores choose them: use variant='deterministic'")
+    return criterion
 
 
 def _importance_scores(importance: Callable, group: ChannelGroup) -> np.ndarray:

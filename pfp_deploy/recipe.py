@@ -213,7 +213,10 @@ class ReconstructConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    method: Literal["pfp"] = Field("pfp", description="Provable Filter Pruning (Liebenwein et al. 2020).")
+    method: str = Field("pfp", description="Which channels each group keeps: pfp (Provable Filter Pruning, "
+                        "Liebenwein et al. 2020), l1, l2, taylor, fpgm, bn_scale, random, or one registered with "
+                        "pfp_deploy.criteria.register_criterion. Groups, allocation, reconstruction and removal "
+                        "are the same for every method.")
     variant: Literal["deterministic", "randomized", "hybrid"] = Field(
         "deterministic", description="deterministic: keep the top channels by sensitivity (the "
         "paper's experiments); randomized: importance sampling with reweighting (the provable one); "
@@ -263,6 +266,24 @@ class PruneConfig(_Strict):
     def _bn_samples_for_the_repair(self) -> PruneConfig:
         if self.bn_recalibration_samples == "auto":
             _fill(self, "bn_recalibration_samples", 0 if self.reconstruct.method != "none" else 2048)
+        return self
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        from pfp_deploy.criteria import get_criterion  # lazily: loads the criteria files
+        from pfp_deploy.errors import UsageError
+
+        try:
+            return get_criterion(value).name
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _variant_is_pfps(self) -> PruneConfig:
+        if self.method != "pfp" and self.variant != "deterministic":
+            raise _Problems([("variant", f"{self.variant} samples channels by PFP's sensitivities; with method "
+                              f"{self.method} the criterion's scores choose them: use variant: deterministic")])
         return self
 
     @field_validator("allocation", mode="before")

@@ -106,8 +106,8 @@ def test_scorer_gives_the_same_scores_on_deep_copies(criterion):
         graph = tp.DependencyGraph().build_dependency(m, example_inputs=example)
         return [scorer(g) for g in graph.get_all_groups(ignored_layers=[m.fc])]
 
-    first = scores(compare.GroupScorer(criterion, model, calibration, seed=1, need_vector=True), copy.deepcopy(model))
-    again = scores(compare.GroupScorer(criterion, model, calibration, seed=1, need_vector=True), copy.deepcopy(model))
+    first = scores(compare.make_scorer(criterion, model, calibration, seed=1, need_vector=True), copy.deepcopy(model))
+    again = scores(compare.make_scorer(criterion, model, calibration, seed=1, need_vector=True), copy.deepcopy(model))
     assert len(first) == 2 and all(s is not None and s.numel() == 8 for s in first)
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # reproducible across copies and runs
     assert not all(torch.allclose(s, s[0]) for s in first)  # an informative ranking, not a constant
@@ -118,7 +118,7 @@ def test_tp_prune_hits_the_mac_target():
     model = Tiny().eval()
     example = torch.randn(1, 1, 8, 8)
     dense_macs = compare.count(model, example)[0]
-    scorer = compare.GroupScorer("l1", model, [], seed=0, need_vector=False)
+    scorer = compare.make_scorer("l1", model, [], seed=0, need_vector=False)
     for global_pruning in (False, True):
         pruned, info = compare.tp_prune(model, example, scorer, 0.5, global_pruning, tol=0.01)
         assert abs(compare.count(pruned, example)[0] / dense_macs - 0.5) <= 0.1  # 8-channel layers: coarse steps
@@ -133,7 +133,7 @@ def test_taylor_scorer_leaves_no_gradient_behind():
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     group = next(iter(graph.get_all_groups(ignored_layers=[model.fc])))
     batches = [[(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))] for _ in range(2)]
-    first = compare.GroupScorer("taylor", model, batches[0], seed=0, need_vector=True)(group)
+    first = compare.make_scorer("taylor", model, batches[0], seed=0, need_vector=True)(group)
     assert all(p.grad is None for p in model.parameters())
-    second = compare.GroupScorer("taylor", model, batches[1], seed=1, need_vector=True)(group)
+    second = compare.make_scorer("taylor", model, batches[1], seed=1, need_vector=True)(group)
     assert not torch.allclose(first, second)
