@@ -17,12 +17,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import pkgutil
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pfp_deploy.errors import ExportError, RuntimeUnavailableError, UsageError, did_you_mean
+from pfp_deploy.registry import Registry
 
 if TYPE_CHECKING:
     from pfp_deploy.bench import Runner
@@ -143,63 +142,19 @@ class Runtime:
 
 # ----------------------------------------------------------------------------- the registry
 
-_REGISTRY: dict[str, Runtime] = {}
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    """Import every module of this package once (each registers its runtime)."""
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-def register_runtime(cls: type[Runtime]) -> type[Runtime]:
-    """Class decorator: add a Runtime subclass to the registry under its `name`, and return the class."""
-    _load_builtins()  # a runtime of your own must not shadow a built-in by import order
-    if not (isinstance(cls, type) and issubclass(cls, Runtime)):
-        raise TypeError(f"@register_runtime decorates a subclass of pfp_deploy.runtimes.Runtime, got {cls!r}")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-        raise UsageError(f"{cls.__qualname__}.name must be a lower-case name such as 'tensorrt', got {name!r}")
+def _check_precisions(cls: type[Runtime]) -> None:
     unknown = [p for p in cls.precisions if p not in PRECISIONS]
     if not cls.precisions or unknown:
-        raise UsageError(f"runtime {name}: precisions must be a non-empty subset of {PRECISIONS}, got {cls.precisions}")
-    old = _REGISTRY.get(name)
-    if old is not None and (type(old).__module__, type(old).__qualname__) != (cls.__module__, cls.__qualname__):
-        raise UsageError(f"runtime {name!r} is already registered by {type(old).__module__}."
-                         f"{type(old).__qualname__}; pick another name or unregister_runtime({name!r}) first")
-    _REGISTRY[name] = cls()  # the same class again (its module re-imported) replaces the old entry
-    return cls
+        raise UsageError(f"runtime {cls.name}: precisions must be a non-empty subset of {PRECISIONS}, "
+                         f"got {cls.precisions}")
 
 
-def unregister_runtime(name: str) -> None:
-    """Remove a runtime from the registry (for tests and plugins that replace one)."""
-    _REGISTRY.pop(get_runtime(name).name)
-
-
-def runtimes() -> tuple[Runtime, ...]:
-    """Every registered runtime, built-ins first."""
-    _load_builtins()
-    return tuple(_REGISTRY.values())
-
-
-def runtime_names() -> list[str]:
-    return [r.name for r in runtimes()]
-
-
-def get_runtime(name: str) -> Runtime:
-    """The runtime registered as `name` (any case); UsageError listing the valid names otherwise."""
-    _load_builtins()
-    entry = _REGISTRY.get(str(name).strip().lower())
-    if entry is None:
-        names = list(_REGISTRY)
-        raise UsageError(f"unknown runtime {str(name)!r}; valid: {', '.join(names)}.{did_you_mean(name, names)}")
-    return entry
+_RUNTIMES: Registry[Runtime] = Registry("runtime", Runtime, __name__, example="tensorrt", check=_check_precisions)
+register_runtime = _RUNTIMES.register
+unregister_runtime = _RUNTIMES.unregister
+runtimes = _RUNTIMES.all
+runtime_names = _RUNTIMES.names
+get_runtime = _RUNTIMES.get
 
 
 def make_runner(
