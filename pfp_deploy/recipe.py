@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pfp_deploy.errors import RecipeError, closest
+from pfp_deploy.errors import RecipeError, UsageError, closest
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 # Bounds for untrusted YAML: the largest shipped recipe is ~4 KB and ~300 values.
@@ -272,12 +272,8 @@ class PruneConfig(_Strict):
     @classmethod
     def _registered_method(cls, value: str) -> str:
         from pfp_deploy.criteria import get_criterion  # lazily: loads the criteria files
-        from pfp_deploy.errors import UsageError
 
-        try:
-            return get_criterion(value).name
-        except UsageError as exc:
-            raise ValueError(str(exc)) from None
+        return _registered_name(get_criterion, value)
 
     @model_validator(mode="after")
     def _variant_is_pfps(self) -> PruneConfig:
@@ -329,6 +325,15 @@ class PruneConfig(_Strict):
             raise _Problems([("schedule", f"ends at {steps[-1]} but prune.keep is {self.keep}; make "
                               "the last entry equal keep, or drop keep (it defaults to the last entry)")])
         return self
+
+
+def _registered_name(lookup: Any, value: str) -> str:
+    """A registry entry's canonical name, or the registry's own message (with did-you-mean) as a
+    validation error, which the recipe's error report then places at its key."""
+    try:
+        return lookup(value).name
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_regex(name: str) -> None:
@@ -466,13 +471,9 @@ class TargetConfig(_Strict):
     @field_validator("runtime")
     @classmethod
     def _registered(cls, value: str) -> str:
-        from pfp_deploy.errors import UsageError
         from pfp_deploy.runtimes import get_runtime  # lazily: loads the runtime files (and torch)
 
-        try:
-            return get_runtime(value).name
-        except UsageError as exc:
-            raise ValueError(str(exc)) from None
+        return _registered_name(get_runtime, value)
 
     @model_validator(mode="after")
     def _settings_fit_runtime(self) -> TargetConfig:

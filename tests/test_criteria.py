@@ -1,27 +1,24 @@
 """pfp_deploy.criteria: every registered criterion prunes through the same pipeline as PFP."""
 from __future__ import annotations
 
-import importlib.util
-import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers.doc_examples import registered_doc_example
 
 from pfp_deploy.criteria import (
+    REGISTRY,
     Criterion,
     criterion_names,
     get_criterion,
     register_criterion,
-    unregister_criterion,
 )
 from pfp_deploy.errors import CalibrationError, RecipeError, UsageError
 from pfp_deploy.pruning import count_cost, prune
 from pfp_deploy.recipe import load_recipe
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 DOC_EXAMPLE = "mean-abs"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_quickstart.yaml"
 
@@ -60,27 +57,11 @@ def calib():
 X = torch.randn(1, 1, 8, 8)
 
 
-def _doc_example() -> str:
-    """The python block of docs/extending.md's "A pruning criterion" section."""
-    section = DOC.read_text().split("\n## A pruning criterion\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
 @pytest.fixture
 def doc_criterion(tmp_path):
     """Register the doc's example the way the doc says: import the file that holds it. Removed after."""
-    path = tmp_path / "mean_abs_criterion.py"
-    path.write_text(_doc_example())
-    spec = importlib.util.spec_from_file_location("mean_abs_criterion", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield get_criterion(DOC_EXAMPLE)
-    finally:
-        if DOC_EXAMPLE in criterion_names():
-            unregister_criterion(DOC_EXAMPLE)
-        sys.modules.pop(spec.name, None)
+    with registered_doc_example("A pruning criterion", "mean_abs_criterion", DOC_EXAMPLE, REGISTRY, tmp_path) as entry:
+        yield entry
 
 
 EVERY = [*criterion_names(), DOC_EXAMPLE]  # every registered entry, and the doc's

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers.doc_examples import registered_doc_example
 
 from pfp_deploy.bench import measure_latency
 from pfp_deploy.checks import run_targets
 from pfp_deploy.errors import RecipeError, RuntimeUnavailableError, UsageError
 from pfp_deploy.recipe import TargetConfig, load_recipe
 from pfp_deploy.runtimes import (
+    REGISTRY,
     Runtime,
     SettingsError,
     get_runtime,
@@ -22,10 +22,8 @@ from pfp_deploy.runtimes import (
     register_runtime,
     runtime_names,
     runtimes,
-    unregister_runtime,
 )
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 DOC_EXAMPLE = "onnx-reference"  # the runtime docs/extending.md adds
 SHAPE = (1, 3, 16, 16)
 FAST = dict(warmup=1, min_runs=3, min_time_s=0)
@@ -57,27 +55,11 @@ def exported(tmp_path_factory):
     return found
 
 
-def _doc_example() -> str:
-    """The first python block of docs/extending.md's "A runtime" section."""
-    section = DOC.read_text().split("\n## A runtime\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
 @pytest.fixture
 def doc_runtime(tmp_path):
     """Register the doc's example the way the doc says: import the file that holds it. Removed after."""
-    path = tmp_path / "onnx_reference_runtime.py"
-    path.write_text(_doc_example())
-    spec = importlib.util.spec_from_file_location("onnx_reference_runtime", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
-        yield get_runtime(DOC_EXAMPLE)
-    finally:
-        if DOC_EXAMPLE in runtime_names():
-            unregister_runtime(DOC_EXAMPLE)
-        sys.modules.pop(spec.name, None)
+    with registered_doc_example("A runtime", "onnx_reference_runtime", DOC_EXAMPLE, REGISTRY, tmp_path) as entry:
+        yield entry
 
 
 def _entry(name: str, request) -> Runtime:

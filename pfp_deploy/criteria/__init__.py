@@ -40,9 +40,9 @@ class Criterion:
         return f"<criterion {self.name} ({type(self).__module__}.{type(self).__qualname__})>"
 
 
-_CRITERIA: Registry[Criterion] = Registry("pruning method", Criterion, __name__, example="l1")
-register_criterion = _CRITERIA.register
-unregister_criterion = _CRITERIA.unregister
-criteria = _CRITERIA.all
-criterion_names = _CRITERIA.names
-get_criterion = _CRITERIA.get
+REGISTRY: Registry[Criterion] = Registry("pruning method", Criterion, __name__, example="l1")
+register_criterion = REGISTRY.register
+unregister_criterion = REGISTRY.unregister
+criteria = REGISTRY.all
+criterion_names = REGISTRY.names
+get_criterion = REGISTRY.get

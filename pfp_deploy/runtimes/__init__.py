@@ -149,12 +149,12 @@ def _check_precisions(cls: type[Runtime]) -> None:
                          f"got {cls.precisions}")
 
 
-_RUNTIMES: Registry[Runtime] = Registry("runtime", Runtime, __name__, example="tensorrt", check=_check_precisions)
-register_runtime = _RUNTIMES.register
-unregister_runtime = _RUNTIMES.unregister
-runtimes = _RUNTIMES.all
-runtime_names = _RUNTIMES.names
-get_runtime = _RUNTIMES.get
+REGISTRY: Registry[Runtime] = Registry("runtime", Runtime, __name__, example="tensorrt", check=_check_precisions)
+register_runtime = REGISTRY.register
+unregister_runtime = REGISTRY.unregister
+runtimes = REGISTRY.all
+runtime_names = REGISTRY.names
+get_runtime = REGISTRY.get
 
 
 def make_runner(
