@@ -14,6 +14,7 @@ import importlib
 
 from .errors import (
     CalibrationError,
+    ChecksFailedError,
     DataError,
     ExportError,
     ModelLoadError,
@@ -22,7 +23,9 @@ from .errors import (
     RecipeError,
     RuntimeUnavailableError,
     ShapeMismatchError,
+    StageError,
     TargetUnattainableError,
+    TrackingError,
     TrainingError,
     UnsupportedModelError,
     UsageError,
@@ -31,21 +34,23 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prune": "pruning", "PruneResult": "pruning", "Plan": "pruning", "apply_plan": "pruning",
-    "save_pruned": "pruning", "load_pruned": "pruning", "count_cost": "pruning",
+    "prune": "pruning", "PruneResult": "pruning", "Plan": "plan", "apply_plan": "plan",
+    "save_pruned": "models", "load_pruned": "models", "count_cost": "pruning",
     "sensitivity": "pfp.sensitivity", "calibration_size": "data", "paper_calibration_size": "data",
     "optimize": "pipeline", "Result": "pipeline",
     "Recipe": "recipe", "load_recipe": "recipe",
     "FinetuneConfig": "recipe", "evaluate": "finetune",
     "recalibrate_batchnorm": "finetune",
     "export_onnx": "export", "export_openvino": "export", "check_parity": "export",
-    "make_runner": "bench", "measure_latency": "bench", "compare_latency": "bench",
+    "make_runner": "runtimes", "measure_latency": "bench", "compare_latency": "bench",
     "run_targets": "checks", "evaluate_report": "checks",
     "export_run": "pipeline", "benchmark_run": "pipeline",
+    "MlflowConfig": "tracking", "log_run": "tracking",
 }
 # Stage modules, importable as attributes too (pfp_deploy.finetune.finetune(...), ...).
-_SUBMODULES = {"finetune", "export", "bench", "checks", "report", "data", "models", "recipe", "pipeline",
-               "pruning", "distributed", "pfp"}
+_SUBMODULES = {"finetune", "export", "bench", "checks", "report", "data", "models", "architectures", "recipe",
+               "pipeline", "stages", "run_dir", "pruning", "reconstruction", "criteria", "runtimes", "distributed",
+               "environment", "pfp"}
 
 
 def __getattr__(name: str):
@@ -62,5 +67,5 @@ def __getattr__(name: str):
 __all__ = sorted(list(_LAZY) + [
     "PFPDeployError", "UsageError", "RecipeError", "DataError", "ModelLoadError", "UnsupportedModelError",
     "PruningError", "CalibrationError", "TargetUnattainableError", "ExportError", "ShapeMismatchError",
-    "RuntimeUnavailableError", "TrainingError",
+    "RuntimeUnavailableError", "TrainingError", "ChecksFailedError", "StageError", "TrackingError",
 ])

@@ -1,23 +1,20 @@
 """The runner interface and latency measurement, independent of any runtime.
 
-`Runner` is what each runtime builds (pfp_deploy/runtimes/, one file per runtime); `measure_latency`
-and `compare_latency` time any Runner; `hardware_fingerprint` records the host. `make_runner` is
-pfp_deploy.runtimes.make_runner, importable from here too. No runtime package is imported here.
+`Runner` is what each runtime builds (pfp_deploy/runtimes/, one file per runtime, made by
+runtimes.make_runner); `measure_latency` and `compare_latency` time any Runner. No runtime package is
+imported here; the host is recorded by pfp_deploy.environment.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pfp_deploy.environment import hardware_fingerprint, package_version  # noqa: F401 (benchmarks import them here)
 from pfp_deploy.errors import ExportError, UsageError
 
 # ----------------------------------------------------------------------------- runners
@@ -55,14 +52,6 @@ class Runner:
     def describe(self) -> dict:
         """Settings that identify this runner in a report."""
         return {k: getattr(self, k) for k in ("runtime", "device", "provider", "threads", "precision", "hint")}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "make_runner":  # lives with the registry; importing it from here keeps working
-        from pfp_deploy.runtimes import make_runner
-
-        return make_runner
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -192,49 +181,3 @@ def compare_latency(dense_runner: Runner, pruned_runner: Runner, input: torch.Te
     pruned = LatencyStats.from_samples(pruned_runner, samples["pruned"], first["pruned"], batch)
     return LatencyComparison(dense=dense, pruned=pruned, rounds=rounds, round_speedups=ratios,
                              speedup=float(np.median(ratios)), p50_ratio=dense.p50_ms / pruned.p50_ms)
-
-
-# ----------------------------------------------------------------------------- host
-
-
-def package_version(name: str) -> str | None:
-    # importlib.metadata reads the installed version without importing the (heavy) package.
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware_fingerprint() -> dict:
-    """The host a benchmark ran on: CPU model, cores, OS, runtime versions and GPU name if any."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    info = {
-        "cpu_model": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": package_version("onnxruntime") or package_version("onnxruntime-gpu"),
-        "openvino": package_version("openvino"),
-        "gpu": None,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info

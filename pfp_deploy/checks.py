@@ -2,32 +2,30 @@
 
 `run_targets` measures; `evaluate_report` re-checks the gates from a stored JSON report and
 `check_report` also requires the run itself to have passed, so `pfp-deploy check --report R` needs no
-runtimes at all. Stored reports are validated first (`StoredReport`): a malformed one is a UsageError
-naming the field, never a TypeError from deep inside.
+runtimes at all. Stored reports are validated first, strictly, against the one report schema
+(artifacts.Report): a malformed one is a UsageError naming the field, never a TypeError from deep inside.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from pfp_deploy.artifacts import ACCURACY_FINAL_STEPS, CheckRow, Report, TargetRow
 from pfp_deploy.bench import LatencyStats, compare_latency
 from pfp_deploy.errors import EXIT_OK, RuntimeUnavailableError, UsageError, did_you_mean
-from pfp_deploy.recipe import LatencyConfig, TargetConfig, _dotted, _Problems, _show
-from pfp_deploy.report import ACCURACY_STEPS
+from pfp_deploy.recipe import _dotted, _show
 from pfp_deploy.runtimes import get_runtime, make_runner
+from pfp_deploy.schema import LatencyConfig, TargetConfig, _Problems
 
 if TYPE_CHECKING:
-    from pfp_deploy.recipe import Recipe
+    from pfp_deploy.schema import Recipe
 
 PASSED, FAILED, SKIPPED, ERROR = "passed", "failed", "skipped", "error"
-# report["accuracy"] steps after pruning, last first: the accuracy gate reads the first one measured.
-# The accuracy steps after pruning, latest first (the order is defined once, in report.ACCURACY_STEPS).
-ACCURACY_FINAL_STEPS = tuple(key for key, _ in reversed(ACCURACY_STEPS) if key != "dense")
 LATENCY_GATES = ("p50_ms", "p90_ms", "p99_ms")
 
 
@@ -262,7 +260,7 @@ def evaluate_report(report: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
         raise UsageError(f'{origin} has no "targets" list of results; pass the JSON written by the deploy stage')
     try:
-        _STORED_ROWS.validate_python(list(rows))
+        _STORED_ROWS.validate_python(list(rows), strict=True)
     except ValidationError as exc:
         raise UsageError(f"{origin}: " + "; ".join(_stored_problems(exc, ("targets",)))) from None
     overrides = {}
@@ -294,119 +292,49 @@ def evaluate_report(report: Mapping[str, Any] | Sequence[Mapping[str, Any]],
 
 # --------------------------------------------------------------------------------- the checks table
 
-def gate_checks(recipe: Recipe, report: Mapping) -> list[dict]:
+def gate_checks(recipe: Recipe, report: Report) -> list[CheckRow]:
     """The checks table of a run's report: accuracy drop, export parity and the deployment targets
     (their gates re-derived from the stored rows)."""
     checks = [accuracy_check(recipe, report)]
-    parity = (report.get("export") or {}).get("parity") or {}
+    parity = report.export.parity if report.export is not None else {}
     if parity:
         warned = [role for role, p in parity.items() if p.get("status") != "pass"]
-        checks.append({"name": "parity", "status": "warning" if warned else PASSED,
-                       "detail": f"outside tolerance (on_breach: warn): {', '.join(warned)}" if warned
-                       else f"{', '.join(parity)} within atol {recipe.export.parity.atol}, "
-                            f"rtol {recipe.export.parity.rtol}"})
-    targets = report.get("targets")
-    if targets is None:
-        checks.append({"name": "targets", "status": SKIPPED, "detail": "not run"})
-    elif targets:
-        passed, results = evaluate_report({"targets": targets})
+        checks.append(CheckRow(name="parity", status="warning" if warned else PASSED,
+                               detail=f"outside tolerance (on_breach: warn): {', '.join(warned)}" if warned
+                               else f"{', '.join(parity)} within atol {recipe.export.parity.atol}, "
+                                    f"rtol {recipe.export.parity.rtol}"))
+    if report.targets is None:
+        checks.append(CheckRow(name="targets", status=SKIPPED, detail="not run"))
+    elif report.targets:
+        passed, results = evaluate_report({"targets": [row.to_dict() for row in report.targets]})
         bad = [f"{r.name}: {r.reason}" for r in results if r.status not in (PASSED, SKIPPED)]
-        checks.append({"name": "targets", "status": PASSED if passed else FAILED,
-                       "detail": "; ".join(bad) or f"{len(results)} target(s) passed or skipped"})
+        checks.append(CheckRow(name="targets", status=PASSED if passed else FAILED,
+                               detail="; ".join(bad) or f"{len(results)} target(s) passed or skipped"))
     return checks
 
 
-def accuracy_check(recipe: Recipe, report: Mapping) -> dict:
+def accuracy_check(recipe: Recipe, report: Report) -> CheckRow:
     """checks.accuracy: dense minus the last measured step's accuracy (percentage points) against max_drop."""
-    cfg, acc = recipe.checks.accuracy, report.get("accuracy") or {}
-    dense = (acc.get("dense") or {}).get(cfg.metric)
-    step = next((k for k in ACCURACY_FINAL_STEPS if acc.get(k)), None)
-    final = acc[step].get(cfg.metric) if step else None
-    check = {"name": "accuracy", "status": SKIPPED}
+    cfg, acc = recipe.checks.accuracy, report.accuracy
+    dense = getattr(acc.dense, cfg.metric) if acc.dense is not None else None
+    step = next((k for k in ACCURACY_FINAL_STEPS if getattr(acc, k) is not None), None)
+    final = getattr(getattr(acc, step), cfg.metric) if step else None
     if cfg.max_drop is None:
-        return {**check, "detail": "no limit (checks.accuracy.max_drop is null)"}
+        return CheckRow(name="accuracy", status=SKIPPED, detail="no limit (checks.accuracy.max_drop is null)")
     if dense is None or final is None:
-        return {**check, "detail": f"{cfg.metric} not measured"}
+        return CheckRow(name="accuracy", status=SKIPPED, detail=f"{cfg.metric} not measured")
     drop = dense - final
     detail = (f"{cfg.metric} {dense:.2f} % -> {final:.2f} % ({step.replace('_', ' ')}): drop {drop:.2f} pts, "
               f"limit {cfg.max_drop} pts")
-    if (report.get("data") or {}).get("meaningful_accuracy") is False:
-        return {**check, "detail": f"synthetic data, accuracy not meaningful: {detail}"}
-    return {**check, "status": PASSED if drop <= cfg.max_drop else FAILED, "detail": detail}
+    if report.data.meaningful_accuracy is False:
+        return CheckRow(name="accuracy", status=SKIPPED, detail=f"synthetic data, accuracy not meaningful: {detail}")
+    return CheckRow(name="accuracy", status=PASSED if drop <= cfg.max_drop else FAILED, detail=detail)
 
 
 # --------------------------------------------------------------------------------- stored reports
 
-class _Stored(BaseModel):
-    """A part of report.json as `check` reads it: strict types (a string is never a number), other keys kept."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class StoredLatency(_Stored):
-    """LatencyStats as stored; NaN is stored as null, so every figure may be null."""
-
-    runtime: str
-    device: str | None = None
-    provider: str | None = None
-    hint: str | None = None
-    precision: str | None = None
-    threads: int | None = None
-    batch: int | None = None
-    runs: int | None = None
-    first_ms: float | None = None
-    p50_ms: float | None
-    p90_ms: float | None
-    p99_ms: float | None
-    mean_ms: float | None = None
-    std_ms: float | None = None
-    min_ms: float | None = None
-    max_ms: float | None = None
-    throughput_ips: float | None = None
-
-
-class StoredGate(_Stored):
-    gate: str
-    limit: float
-    measured: float | None
-    passed: bool
-
-
-class StoredTargetRow(_Stored):
-    """One TargetResult.to_dict() row."""
-
-    name: str
-    status: Literal["passed", "failed", "skipped", "error"]
-    reason: str = ""
-    target: dict[str, Any]
-    dense: StoredLatency | None = None
-    pruned: StoredLatency | None = None
-    speedup: float | None = None
-    p50_ratio: float | None = None
-    macs_ratio: float | None = None
-    efficiency: float | None = None
-    accuracy_drop: float | None = None
-    unavailable: str | None = None
-    gates: list[StoredGate] = []
-
-
-class StoredCheck(_Stored):
-    name: str
-    status: str
-    detail: str | None = None
-
-
-class StoredReport(_Stored):
-    """The fields of report.json that `pfp-deploy check` reads."""
-
-    status: str
-    exit_code: int | None
-    message: str | None = None
-    targets: list[StoredTargetRow] | None
-    checks: list[StoredCheck] | None = None
-
-
-_STORED_ROWS = TypeAdapter(list[StoredTargetRow])
+# report.json as `check` reads it: the one Report schema (artifacts.py), validated strictly.
+_STORED_ROWS = TypeAdapter(list[TargetRow])
 _MUST_BE = {"float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
             "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
             "string_type": "a string", "bool_type": "true or false", "list_type": "a list",
@@ -446,8 +374,12 @@ def check_report(report: Any, origin: str = "report") -> ReportCheck:
     if not isinstance(report, Mapping):
         raise UsageError(f"{origin}: expected a JSON object with status, exit_code and targets (the "
                          f"report.json of a run), got {_show(report) if report is None else type(report).__name__}")
+    # A run always writes these three (null when not reached); without them it is not a run's report.
+    missing = [key for key in ("status", "exit_code", "targets") if key not in report]
+    if missing:
+        raise UsageError(f"{origin}: " + "; ".join(f"{key} is missing" for key in missing))
     try:
-        stored = StoredReport.model_validate(dict(report))
+        stored = Report.model_validate(dict(report), strict=True)
     except ValidationError as exc:
         raise UsageError(f"{origin}: " + "; ".join(_stored_problems(exc))) from None
     run_problems = []

@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="builtin (resnet20, vgg_small) or torchvision name, e.g. resnet18 "
                    "(one-shot only)")
     p.add_argument("--weights", help="torchvision weights tag or a state_dict file for --model (one-shot only)")
-    p.add_argument("--data", choices=("synthetic", "fashion_mnist", "imagefolder"),
-                   help="calibration data (one-shot only)")
+    p.add_argument("--data", metavar="FORMAT", help="calibration data format (one-shot only): synthetic, "
+                   "fashion_mnist, imagefolder, or one registered in pfp_deploy.data_formats")
     p.add_argument("--data-root", help="dataset directory (imagefolder; fashion_mnist has a default); "
                    "with --recipe: data.root")
     p.add_argument("--keep", type=float, help="fraction of the MACs to keep, e.g. 0.5; with --recipe: prune.keep")
@@ -241,17 +241,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 only when the run passed (status "passed", exit_code 0) and every gate holds on the stored
     numbers; 1 otherwise (e.g. an interrupted or failed run); 2 for a missing or malformed report."""
+    from pfp_deploy.artifacts import load_report_json
     from pfp_deploy.checks import check_report
-    from pfp_deploy.errors import UsageError
 
     path = Path(args.report)
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"report {path} does not exist; pass the report.json of a run") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path} as JSON ({exc})") from None
-    verdict = check_report(report, origin=str(path))
+    verdict = check_report(load_report_json(path), origin=str(path))
     for r in verdict.results:
         print(f"{r.status:8} {r.name:20} {r.reason}")
     for c in verdict.failed_checks:
@@ -263,7 +257,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from pfp_deploy.pipeline import environment
+    from pfp_deploy.environment import environment
 
     info = environment()
     if args.json:

@@ -72,6 +72,26 @@ class TrainingError(PFPDeployError):
     """Fine-tuning diverged (NaN loss) or failed."""
 
 
+class ChecksFailedError(PFPDeployError):
+    """The run finished but a check (accuracy, latency, speed-up, parity) failed."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
+class StageError(PFPDeployError):
+    """A stage raised an unexpected exception; the traceback is in <run dir>/error.log."""
+
+
+class TrackingError(PFPDeployError):
+    """Experiment tracking (MLflow) failed: not installed, tracking server unreachable, store refused."""
+
+
+def first_line(exc: BaseException) -> str:
+    """'ErrorType: first line of its message': how a wrapped exception is quoted inside our messages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def closest(name: str, valid: Iterable[str]) -> str | None:
     """The valid name closest to `name`, or None when none is close: the one did-you-mean rule."""
     match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)

@@ -1,30 +1,33 @@
-"""Export a PyTorch model to ONNX and OpenVINO IR, and check the exported files against PyTorch.
+"""Export a PyTorch model to ONNX and OpenVINO IR, check the exported files against PyTorch, and record
+their hashes (`export_hashes`) so a later benchmark measures only files made from model.pt (`verify_export`).
 
 onnx, onnxruntime and openvino are imported inside the functions that need them.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pfp_deploy.bench import Runner, flatten_outputs, make_runner
-from pfp_deploy.errors import ExportError, ShapeMismatchError, UsageError
-from pfp_deploy.fileio import atomic_path, replace_into
+from pfp_deploy.bench import Runner, flatten_outputs
+from pfp_deploy.errors import ExportError, ShapeMismatchError, UsageError, first_line
+from pfp_deploy.fileio import atomic_path, file_sha256, replace_into
 from pfp_deploy.modes import eval_mode
+from pfp_deploy.runtimes import make_runner
+
+log = logging.getLogger(__name__)
 
 DYNAMO_MIN_OPSET = 18
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int = 18,
@@ -46,7 +49,7 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: str |
                                   output_names=output_names, dynamic_shapes=dynamic_shapes)
             except Exception as exc:  # the exporter raises many unrelated types; the fallback handles all
                 dynamo_error = exc
-                warnings.warn(f"dynamo ONNX exporter failed for {type(model).__name__} ({_first_line(exc)}); "
+                warnings.warn(f"dynamo ONNX exporter failed for {type(model).__name__} ({first_line(exc)}); "
                               "falling back to the TorchScript exporter (dynamo=False)", stacklevel=2)
         else:
             warnings.warn(f"opset {opset} < {DYNAMO_MIN_OPSET}: using the TorchScript exporter (dynamo=False)",
@@ -66,9 +69,9 @@ def _export_torchscript(model, example_input, tmp, opset, dynamic_batch, input_n
             torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=axes)
     except Exception as exc:
-        before = f"dynamo exporter: {_first_line(dynamo_error)}; " if dynamo_error else ""
+        before = f"dynamo exporter: {first_line(dynamo_error)}; " if dynamo_error else ""
         raise ExportError(f"cannot export {type(model).__name__} to ONNX ({before}TorchScript exporter: "
-                          f"{_first_line(exc)})") from exc
+                          f"{first_line(exc)})") from exc
 
 
 def _validate_onnx(tmp: Path, final: Path) -> None:
@@ -77,7 +80,7 @@ def _validate_onnx(tmp: Path, final: Path) -> None:
     try:
         onnx.checker.check_model(str(tmp))
     except Exception as exc:
-        raise ExportError(f"exported ONNX for {final} fails onnx.checker: {_first_line(exc)}") from exc
+        raise ExportError(f"exported ONNX for {final} fails onnx.checker: {first_line(exc)}") from exc
 
 
 def export_openvino(onnx_path_or_model: str | os.PathLike | torch.nn.Module, example_input: torch.Tensor | None,
@@ -104,7 +107,7 @@ def export_openvino(onnx_path_or_model: str | os.PathLike | torch.nn.Module, exa
             ov_model = ov.convert_model(str(source))
             ov.save_model(ov_model, str(Path(tmp) / "model.xml"), compress_to_fp16=fp16)
         except Exception as exc:
-            raise ExportError(f"OpenVINO cannot convert {source}: {_first_line(exc)}") from exc
+            raise ExportError(f"OpenVINO cannot convert {source}: {first_line(exc)}") from exc
         # .bin first, then .xml: a reader that sees the new .xml also sees its weights.
         replace_into(Path(tmp) / "model.bin", out_dir / "model.bin")
         replace_into(Path(tmp) / "model.xml", xml_path)
@@ -176,7 +179,7 @@ def _run_in_batches(runner: Runner, samples: torch.Tensor) -> list[np.ndarray]:
         chunks = [runner.outputs(samples[i:i + batch]) for i in range(0, samples.shape[0], batch)]
     except Exception as exc:
         raise ExportError(f"{runner.runtime} failed to run {runner.source} on input of shape "
-                          f"{list(samples.shape)}: {_first_line(exc)}") from exc
+                          f"{list(samples.shape)}: {first_line(exc)}") from exc
     return [np.concatenate(parts) for parts in zip(*chunks)]
 
 
@@ -248,3 +251,75 @@ def _output_names(runner: Runner) -> list[str]:
     if runner.runtime == "onnxruntime":
         return [o.name for o in runner.session.get_outputs()]
     return [next(iter(o.get_names()), f"output{i}") for i, o in enumerate(runner.request.model_outputs)]
+
+
+# ------------------------------------------------------------- integrity of the exported files
+
+def export_hashes(run_dir: Path, files: Mapping[str, str]) -> dict[str, str]:
+    """sha256 of model.pt, dense.pt and every exported file (OpenVINO: .xml and .bin), by path in the run
+    directory: benchmarks verify them first, so exports that do not belong to model.pt are never measured."""
+    names = ["model.pt", "dense.pt"]
+    for rel in files.values():
+        names.append(rel)
+        if rel.endswith(".xml"):
+            names.append(str(Path(rel).with_suffix(".bin")))
+    return {name: artifact_sha256(run_dir / name) for name in names if (run_dir / name).is_file()}
+
+
+def artifact_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in chunks. A torch .pt file is hashed by what it holds (tensors' dtype,
+    shape and bytes, the plan and other plain values), not by its bytes: a resumed run writes model.pt
+    again from a reloaded model whose tensors may sit in other storages (torch.save writes whole
+    storages), with the same weights, while keeping its export."""
+    if path.suffix == ".pt" and zipfile.is_zipfile(path):
+        try:
+            digest = hashlib.sha256(b"torch-payload\0")
+            _hash_payload(digest, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            return digest.hexdigest()
+        except Exception:  # noqa: BLE001 - unreadable: hash the bytes (and the mismatch names the file)
+            pass
+    return file_sha256(path, chunk)
+
+
+def _hash_payload(digest: Any, obj: Any) -> None:
+    """Feed a loaded checkpoint into `digest` canonically (dict keys sorted, tensors as raw bytes)."""
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    elif isinstance(obj, Mapping):
+        digest.update(f"D{len(obj)}\0".encode())
+        for key in sorted(obj, key=repr):
+            digest.update(f"{key!r}\0".encode())
+            _hash_payload(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"L{len(obj)}\0".encode())
+        for item in obj:
+            _hash_payload(digest, item)
+    else:
+        digest.update(f"V{obj!r}\0".encode())
+
+
+def verify_export(run_dir: Path, export: Mapping | None) -> None:
+    """Before measuring: every file recorded at export still has its hash (UsageError naming it otherwise)."""
+    export = export or {}
+    if not export.get("files"):
+        return
+    again = (f"Run `pfp-deploy export --run-dir {run_dir}` again to export model.pt and dense.pt afresh "
+             "(then benchmark).")
+    recorded = export.get("sha256")
+    if not isinstance(recorded, Mapping) or not recorded:
+        log.warning("%s records no export hashes (exported by an older pfp-deploy), so the exported files "
+                    "cannot be checked against model.pt. %s", run_dir / "report.json", again)
+        return
+    for name, expected in recorded.items():
+        path = run_dir / name
+        if not path.is_file():
+            raise UsageError(f"{path} is missing (it was written at export and is needed to benchmark). {again}")
+        actual = artifact_sha256(path)
+        if actual != expected:
+            why = ("changed after the export, so the exported files are not made from it" if name in
+                   ("model.pt", "dense.pt") else "is not the file the export wrote: it was replaced or modified "
+                   "since, so it may not belong to model.pt")
+            raise UsageError(f"{path} {why} (sha256 {actual[:12]}..., recorded at export {str(expected)[:12]}...). "
+                             f"{again}")

@@ -38,7 +38,8 @@ from .distributed import (
 from .errors import DataError, ModelLoadError, TrainingError, UsageError
 from .fileio import torch_save_atomic
 from .modes import restore_modes, saved_modes
-from .recipe import FinetuneConfig, TrainConfig, validate_section
+from .recipe import validate_section
+from .schema import FinetuneConfig, TrainConfig
 
 __all__ = [
     "FinetuneConfig",

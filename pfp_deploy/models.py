@@ -1,4 +1,5 @@
-"""Model sources: torchvision architectures (+ weights tag or file), checkpoints, factories, builtins.
+"""Model sources: torchvision architectures (+ weights tag or file), checkpoints, factories, builtins,
+and pruned model files (`save_pruned` / `load_pruned`: base architecture record + plan + state_dict).
 
 Nothing is ever downloaded: a torchvision weights tag must already be in the torch hub cache.
 Checkpoints are plain state_dicts read with weights_only=True; input files are only read.
@@ -11,7 +12,6 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,179 +19,66 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+# Builtins live in architectures.py; re-exported because callers know them as models.resnet20 etc.
+from pfp_deploy.architectures import (  # noqa: F401
+    BUILTIN_MODELS,
+    CifarResNet,
+    VGGSmall,
+    known_model_names,
+    resnet20,
+    vgg_small,
+)
 from pfp_deploy.errors import ModelLoadError, did_you_mean
-from pfp_deploy.fileio import file_sha256
+from pfp_deploy.fileio import file_sha256, torch_save_atomic
+from pfp_deploy.model_sources import get_model_source, model_sources
+from pfp_deploy.plan import Plan, apply_plan
+from pfp_deploy.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
-# -------------------------------------------------------------------------------- builtin models
-
-class BasicBlock(nn.Module):
-    """CIFAR ResNet block: two 3x3 conv-BN, plus a 1x1 conv-BN shortcut when the shape changes."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:  # option B: projection shortcut
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                          nn.BatchNorm2d(planes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet for small images (He et al. 2016, sec. 4.2): 3 stages of BasicBlocks, widths 16/32/64."""
-
-    def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10, in_channels: int = 3,
-                 widths: tuple[int, int, int] = (16, 32, 64)):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU()
-        stages, in_planes = [], widths[0]
-        for i, width in enumerate(widths):
-            blocks = []
-            for j in range(blocks_per_stage):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(BasicBlock(in_planes, width, stride))
-                in_planes = width
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1], num_classes)
-        _kaiming_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-class VGGSmall(nn.Module):
-    """VGG-style conv-BN-ReLU stack ending in flatten -> Linear -> ReLU -> Linear.
-
-    Flatten (not global pooling) on purpose: pruning must map conv channels to Linear features.
-    """
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32),
-                 config: tuple = (32, 32, "M", 64, 64, "M", 128, 128, "M"), hidden: int = 256):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels, (height, width) = in_channels, image_size
-        for item in config:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2))
-                height, width = height // 2, width // 2
-            else:
-                layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
-                channels = item
-        if height < 1 or width < 1:
-            raise ModelLoadError(f"vgg_small: input {image_size} is too small for {config.count('M')} "
-                                 "max-pools; use images of at least 8x8")
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, hidden),
-                                        nn.ReLU(), nn.Linear(hidden, num_classes))
-        _kaiming_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-def _kaiming_init(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-
-def resnet20(num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> CifarResNet:
-    """CIFAR-style ResNet-20 (0.27M parameters at 10 classes)."""
-    return CifarResNet(3, num_classes, in_channels, **kwargs)
-
-
-def vgg_small(num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32),
-              **kwargs: Any) -> VGGSmall:
-    """Small VGG for 28x28 / 32x32 inputs; image_size sets the flatten -> Linear width."""
-    return VGGSmall(num_classes, in_channels, tuple(image_size), **kwargs)
-
-
-BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20, "vgg_small": vgg_small}
-
-
-def known_model_names(kind: str = "any") -> list[str]:
-    """Model names for `builtin`, `torchvision` (classification models) or `any` (both)."""
-    names = list(BUILTIN_MODELS) if kind in ("builtin", "any") else []
-    if kind in ("torchvision", "any"):
-        import torchvision
-
-        names += torchvision.models.list_models(module=torchvision.models)
-    return names
-
-
 # ---------------------------------------------------------------------------------- build_model
 
-def build_model(model_cfg: Any, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
-    """Build the dense model a recipe's `model` section describes (weights loaded, train mode).
+def build_model(model_cfg: ModelConfig, num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
+    """Build the dense model a recipe's `model` section describes (weights loaded, train mode), through
+    its model source (pfp_deploy.model_sources: builtin, torchvision, checkpoint, factory, pruned).
 
     num_classes / in_channels default to the section's values; pass the data's when they differ.
     """
     num_classes = num_classes or model_cfg.num_classes
     in_channels = in_channels or model_cfg.in_channels or 3
-    source, name, weights = model_cfg.source, model_cfg.name, model_cfg.weights
-    kwargs = dict(getattr(model_cfg, "kwargs", None) or {})
+    return get_model_source(model_cfg.source).build(model_cfg, num_classes, in_channels)
 
-    if source == "pruned":
-        from pfp_deploy.pruning import load_pruned  # the pruned format's owner (lazy: import cycle)
 
-        path = Path(model_cfg.path)
-        if path.is_dir():  # a run directory of an earlier `pfp-deploy optimize`
-            path = path / "model.pt"
-        # The file's own architecture record is data only; a factory base must come from the recipe.
-        base = _from_factory(model_cfg.factory, kwargs, num_classes, in_channels) if model_cfg.factory else None
-        return load_pruned(path, base_model=base)
-    if source == "factory":
-        model = _from_factory(model_cfg.factory, kwargs, num_classes, in_channels)
-        arch = model_cfg.factory
-    elif name in BUILTIN_MODELS:
+def named_architecture(model_cfg: ModelConfig, num_classes: int | None, in_channels: int) -> tuple[nn.Module, str]:
+    """(randomly initialised model, label) for model.name: a builtin, else a torchvision model."""
+    name, kwargs = model_cfg.name, dict(model_cfg.kwargs or {})
+    if name in BUILTIN_MODELS:
         if name == "vgg_small" and model_cfg.input_shape:
             kwargs.setdefault("image_size", tuple(model_cfg.input_shape[2:]))
         try:
-            model = BUILTIN_MODELS[name](num_classes=num_classes or 10, in_channels=in_channels, **kwargs)
+            return BUILTIN_MODELS[name](num_classes=num_classes or 10, in_channels=in_channels, **kwargs), name
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"builtin {name}(num_classes={num_classes}, in_channels={in_channels}, "
                                  f"**{kwargs}) failed: {exc}. Check model.kwargs.") from None
-        arch = name
-    elif source == "builtin":
+    if model_cfg.source == "builtin":
         raise ModelLoadError(f"Unknown builtin model {name!r}.{did_you_mean(name, BUILTIN_MODELS)} "
                              f"Builtins: {', '.join(BUILTIN_MODELS)}")
-    else:
-        if weights and not _looks_like_path(weights) and source == "torchvision":
-            return _torchvision_pretrained(name, weights, num_classes, in_channels, kwargs)
-        model = _torchvision_model(name, num_classes or 1000, kwargs)
-        if in_channels != 3:
-            _replace_first_conv(model, in_channels, pretrained=False)
-        arch = f"torchvision {name}"
+    model = _torchvision_model(name, num_classes or 1000, kwargs)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels, pretrained=False)
+    return model, f"torchvision {name}"
 
-    checkpoint = model_cfg.path if source == "checkpoint" else weights
-    if checkpoint:
-        if not _looks_like_path(checkpoint):
-            raise ModelLoadError(f"model.weights {checkpoint!r} is a torchvision weights tag, which only "
-                                 f"works with source torchvision; use a local state_dict path for {source}")
-        load_state_into(model, load_checkpoint_state(checkpoint), arch=f"{arch} (num_classes="
-                        f"{num_classes}, in_channels={in_channels})", path=checkpoint)
+
+def load_weights(model: nn.Module, checkpoint: str, arch: str, num_classes: int | None, in_channels: int,
+                 source: str) -> nn.Module:
+    """Load the state_dict file `checkpoint` into `model` (checked against the architecture)."""
+    if weights_is_tag(checkpoint):
+        raise ModelLoadError(f"model.weights {checkpoint!r} is a torchvision weights tag, which only "
+                             f"works with source torchvision; use a local state_dict path for {source}")
+    load_state_into(model, load_checkpoint_state(checkpoint), arch=f"{arch} (num_classes="
+                    f"{num_classes}, in_channels={in_channels})", path=checkpoint)
     return model
-
-
-FILE_SOURCES = ("builtin", "torchvision")  # the only model sources a saved file may name
 
 
 def architecture_from_file(base: Any, origin: str | os.PathLike) -> Any:
@@ -201,13 +88,12 @@ def architecture_from_file(base: Any, origin: str | os.PathLike) -> Any:
     architecture with plain keyword arguments, never code to import or call (a factory) and never
     another file to read (weights, checkpoint, pruned): those come from the caller.
     """
-    from pfp_deploy.recipe import ModelConfig  # lazy: recipe validation imports this module
-
     if not isinstance(base, dict) or not base:
         raise ModelLoadError(f"{origin} stores no base model architecture: pass base_model= (Python) "
                              "or rebuild the file with save_pruned(..., base=...)")
     source = base.get("source")
-    if source not in FILE_SOURCES:
+    in_files = [entry.name for entry in model_sources() if entry.in_files]  # the sources a file may name
+    if source not in in_files:
         factory = base.get("factory")
         if source == "factory" and isinstance(factory, str):
             raise ModelLoadError(
@@ -216,7 +102,7 @@ def architecture_from_file(base: Any, origin: str | os.PathLike) -> Any:
                 f"base_model=<the model> to load_pruned(), --factory {factory} on the command line, or "
                 "model.factory beside model.source: pruned in a recipe.")
         raise ModelLoadError(f"{origin}: the stored base model source {source!r} is not allowed in a file "
-                             f"(allowed: {', '.join(FILE_SOURCES)}); pass base_model= instead")
+                             f"(allowed: {', '.join(in_files)}); pass base_model= instead")
     kwargs = base.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not _plain_data(kwargs):
         raise ModelLoadError(f"{origin}: the stored model kwargs must be plain numbers, strings and lists")
@@ -238,9 +124,10 @@ def _plain_data(value: Any) -> bool:
     return False
 
 
-def _looks_like_path(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".ckpt") \
-        or Path(weights).exists()
+def weights_is_tag(weights: str) -> bool:
+    """A torchvision weights tag (IMAGENET1K_V2), not a file path."""
+    return not (os.sep in weights or "/" in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".ckpt")
+                or Path(weights).exists())
 
 
 def _torchvision_model(name: str, num_classes: int, kwargs: dict) -> nn.Module:
@@ -275,7 +162,7 @@ def torchvision_weights_file(name: str, tag: str) -> tuple[Any, Path]:
     return weights, Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def _torchvision_pretrained(name: str, tag: str, num_classes: int | None, in_channels: int,
+def torchvision_pretrained(name: str, tag: str, num_classes: int | None, in_channels: int,
                             kwargs: dict) -> nn.Module:
     import torchvision
 
@@ -329,7 +216,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int, pretrained: bool) ->
     setattr(model.get_submodule(parent_name), attr, new)
 
 
-def _from_factory(spec: str, kwargs: dict, num_classes: int | None, in_channels: int) -> nn.Module:
+def from_factory(spec: str, kwargs: dict, num_classes: int | None, in_channels: int) -> nn.Module:
     """Call 'package.module:callable' (or 'file.py:callable') with num_classes/in_channels if accepted."""
     module_name, _, attr = spec.partition(":")
     try:
@@ -448,3 +335,60 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str,
         lines.append("Set model.name / num_classes / in_channels to the architecture the checkpoint was saved from.")
         raise ModelLoadError("\n".join(lines))
     model.load_state_dict(state, strict=True)
+
+
+def architecture_config(model: ModelConfig) -> dict:
+    """A recipe's model section (ModelConfig) without weights or training: the data-only architecture
+    record saved in model.pt, enough to rebuild the architecture anywhere (see architecture_from_file)."""
+    cfg = model.model_dump(mode="json")
+    cfg.update(weights=None, pretrain=None)
+    if cfg["source"] == "checkpoint":
+        cfg.update(source="builtin" if cfg["name"] in BUILTIN_MODELS else "torchvision", path=None)
+    return cfg
+
+
+def model_label(model: ModelConfig) -> str:
+    """A short name for a recipe's model section: its name, factory callable or file stem."""
+    return model.name or (model.factory or "").rpartition(":")[2] or Path(model.path or "model").stem
+
+
+# ------------------------------------------------------------------------------- pruned model files
+
+def save_pruned(path, model: nn.Module, plan: Plan, base: dict | None = None, example_shape=None) -> Path:
+    """Write {plan, state_dict, base model config} atomically; loads with weights_only=True."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": "pfp-deploy-pruned", "version": 1, "plan": plan.to_dict(),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "base": base or {}, "example_shape": list(example_shape) if example_shape else None}
+    return torch_save_atomic(payload, path)
+
+
+def load_pruned(path, base_model: nn.Module | None = None, example_inputs=None) -> nn.Module:
+    """Rebuild a pruned model from base model + plan + state_dict (no pickled modules).
+
+    Without `base_model` the architecture recorded in the file is built, which may only be a builtin
+    or torchvision model: a file never makes pfp-deploy import or call code (pass base_model= for a
+    model of your own)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"pruned model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read pruned model {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "pfp-deploy-pruned":
+        raise ModelLoadError(f"{path} is not a pfp-deploy pruned model (save it with save_pruned)")
+    if base_model is None:  # the file's architecture record: a builtin/torchvision name, never code
+        base_model = build_model(architecture_from_file(payload.get("base"), path))
+    if example_inputs is None:
+        shape = payload.get("example_shape")
+        if not shape:
+            raise ModelLoadError(f"{path} stores no input shape: pass example_inputs=")
+        example_inputs = torch.randn(*shape)
+    model = apply_plan(base_model, Plan.from_dict(payload["plan"]), example_inputs)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights in {path} do not match the rebuilt model: {exc}") from exc
+    return model

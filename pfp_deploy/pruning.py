@@ -1,25 +1,23 @@
-"""prune(): score -> allocate -> select -> remove channels physically, and plans that replay.
+"""prune(): score -> allocate -> select -> remove channels physically -> reconstruct.
 
-The result is an ordinary, smaller nn.Module (no masks). A `Plan` lists, per stage, each group's
-root layer and the channels it kept; base model + plan + state_dict rebuild a pruned model
-without pickling modules (`save_pruned` / `load_pruned`).
+The result is an ordinary, smaller nn.Module (no masks) and the `Plan` (plan.py) that replays it:
+base model + plan + state_dict rebuild a pruned model without pickling modules (models.save_pruned /
+models.load_pruned).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .errors import ModelLoadError, PruningError, TargetUnattainableError, UsageError, did_you_mean
-from .fileio import torch_save_atomic
+from .criteria import get_criterion
+from .errors import PruningError, TargetUnattainableError, UsageError
 from .modes import eval_mode, restore_modes, saved_modes
 from .pfp import allocation as pfp_allocation  # the module; `allocation` is prune()'s argument
 from .pfp import cost_aware
@@ -31,41 +29,22 @@ from .pfp.groups import (
     consumer_scores,
     output_layers,
     resolve_names,
-    search_group,
 )
-from .pfp.selection import VARIANTS, Selection, select
+from .pfp.selection import Selection, select
 from .pfp.sensitivity import sensitivity as compute_sensitivity
-from .recipe import ReconstructConfig, validate_section
-
-METRICS = ("macs", "params")
-OVERRIDE_KEYS = ("min_channels", "max_prune_ratio", "round_to", "skip")
-PLAN_FORMAT = "pfp-deploy-plan"
-
-
-# ----------------------------------------------------------------------------- plans
-
-@dataclass
-class Plan:
-    """Per stage, per group: root layer name, width before/after and the kept channel indices."""
-
-    stages: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "version": 1, "stages": self.stages}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Plan:
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise ModelLoadError("not a pfp-deploy plan (missing format: pfp-deploy-plan)")
-        return cls(stages=list(data["stages"]))
-
-    def then(self, other: Plan) -> Plan:
-        """This plan followed by `other` (a cascade: `other` was made on this plan's result)."""
-        return Plan(stages=self.stages + other.stages)
-
-    @property
-    def groups(self) -> list[dict]:
-        return [g for stage in self.stages for g in stage["groups"]]
+from .plan import (
+    BrokenGroups,
+    Plan,
+    apply_plan,  # noqa: F401 (re-exported: pruning.apply_plan is documented)
+    apply_step,
+    forward,
+    output_shapes,
+    private_copy,
+    run_eval,
+)
+from .recipe import validate_section
+from .reconstruction import reconstruct
+from .schema import PruneConfig, ReconstructConfig
 
 
 @dataclass
@@ -85,7 +64,7 @@ def count_cost(model: nn.Module, example_inputs) -> tuple[int, int]:
     except RuntimeError:
         # The counter deep-copies the model first, which fails on a tensor cached attached to an
         # autograd graph (a module whose train() does not drop it): count on a detached copy.
-        macs, params = tp.utils.count_ops_and_params(_private_copy(model), example_inputs)
+        macs, params = tp.utils.count_ops_and_params(private_copy(model), example_inputs)
     return int(macs), int(params)
 
 
@@ -102,7 +81,7 @@ def _positions(model: nn.Module, example_inputs) -> dict[nn.Module, float]:
             handles.append(m.register_forward_hook(hook))
     try:  # eval: a train-mode forward would update BatchNorm running statistics
         with eval_mode(model), torch.no_grad():
-            _forward(model, example_inputs)
+            forward(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -152,69 +131,10 @@ def _build_cost_model(positions: dict, groups: list[ChannelGroup], metric: str, 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _forward(model: nn.Module, example_inputs):
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
-def _graph_tensors(value, depth: int = 0):
-    """Tensors attached to an autograd graph in a module attribute (or a dict/list/tuple of them)."""
-    if isinstance(value, torch.Tensor):
-        if value.grad_fn is not None:
-            yield value
-    elif depth < 3 and isinstance(value, dict):
-        for item in value.values():
-            yield from _graph_tensors(item, depth + 1)
-    elif depth < 3 and isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _graph_tensors(item, depth + 1)
-
-
-def _private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy to work on, so that the model given stays unchanged in every way.
-
-    A tensor a module caches outside its parameters and buffers may be attached to an autograd
-    graph (an eval-mode forward with gradients on), which deepcopy refuses: the copy gets it
-    detached (through deepcopy's memo, the model given is not touched).
-    """
-    memo = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            for tensor in _graph_tensors(value):
-                memo[id(tensor)] = tensor.detach().clone()
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as exc:  # noqa: BLE001 - any failure means the model cannot be copied
-        raise UsageError(
-            f"cannot copy {type(model).__name__} with copy.deepcopy ({type(exc).__name__}: {exc}); pfp-deploy "
-            "prunes a private copy so that the model given stays unchanged: make the model deep-copyable"
-        ) from exc
-
-
-def _output_shapes(output) -> list:
-    """The shape of every tensor in a model's output (nested tuples, lists and dicts), in order."""
-    if isinstance(output, torch.Tensor):
-        return [tuple(output.shape)]
-    if isinstance(output, dict):
-        return [(key, shape) for key, value in output.items() for shape in _output_shapes(value)]
-    if isinstance(output, (list, tuple)):
-        return [shape for value in output for shape in _output_shapes(value)]
-    return []
-
-
-def _run_eval(model: nn.Module, example_inputs):
-    """A no-grad forward in eval mode; every module's flag comes back afterwards."""
-    with eval_mode(model), torch.no_grad():
-        return _forward(model, example_inputs)
-
-
 def _check_example_inputs(model: nn.Module, example_inputs) -> list:
     """The dense model's output shapes on `example_inputs` (the reference removal must keep)."""
     try:
-        return _output_shapes(_run_eval(model, example_inputs))
+        return output_shapes(run_eval(model, example_inputs))
     except Exception as exc:  # noqa: BLE001 - any failure means the inputs do not fit
         shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs).__name__
         raise UsageError(
@@ -223,47 +143,11 @@ def _check_example_inputs(model: nn.Module, example_inputs) -> list:
         ) from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _verify(model: nn.Module, example_inputs, reference: list) -> str | None:
-    """None when the pruned model runs on `example_inputs` with the dense output shapes, else why not."""
-    try:
-        shapes = _output_shapes(_run_eval(model, example_inputs))
-    except Exception as exc:  # noqa: BLE001 - any failure means the removal broke the model
-        return f"the model no longer runs after removing them ({_first_line(exc)})"
-    if shapes != reference:
-        return f"the model's outputs change shape after removing them ({shapes} instead of {reference})"
-    return None
-
-
-def _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio):
-    if not isinstance(keep, (int, float)) or isinstance(keep, bool) or not 0 < keep <= 1:
-        raise UsageError(f"keep must be a ratio in (0, 1], got {keep!r} (0.5 keeps half the {metric})")
-    if metric not in METRICS:
-        raise UsageError(f"metric must be one of {METRICS}, got {metric!r}.{did_you_mean(metric, METRICS)}")
-    if variant not in VARIANTS:
-        raise UsageError(f"variant must be one of {VARIANTS}, got {variant!r}.{did_you_mean(variant, VARIANTS)}")
-    if not isinstance(min_channels, int) or min_channels < 1:
-        raise UsageError(f"min_channels must be an integer >= 1, got {min_channels!r}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise UsageError(f"round_to must be an integer >= 1 or None, got {round_to!r}")
-    if max_prune_ratio is not None and not 0 <= max_prune_ratio <= 1:
-        raise UsageError(f"max_prune_ratio must be in [0, 1], got {max_prune_ratio!r}")
-
-
 def _match_overrides(model: nn.Module, groups: list[ChannelGroup], overrides: dict | None) -> list[dict]:
     """Per group, the override settings whose key names one of its layers (or matches 're:')."""
     names = {m: n for n, m in model.named_modules()}
     per_group = [{} for _ in groups]
-    for key, settings in (overrides or {}).items():
-        if not isinstance(settings, dict):
-            raise UsageError(f'overrides["{key}"] must be a mapping of {OVERRIDE_KEYS}, got {settings!r}')
-        for name in settings:
-            if name not in OVERRIDE_KEYS:
-                raise UsageError(f'overrides["{key}"]: unknown setting "{name}".{did_you_mean(name, OVERRIDE_KEYS)}')
+    for key, settings in (overrides or {}).items():  # settings: LayerOverride fields, validated
         matched = {names[m] for m in resolve_names(model, [key], "overrides")}
         for gi, group in enumerate(groups):
             if matched.intersection(group.members):
@@ -366,18 +250,22 @@ def prune(
     others, and the group is listed in report["skipped_groups"] with the reason; naming its root
     layer in `ignored_layers` skips it without the note.
     """
-    _validate(keep, metric, variant, min_channels, round_to, max_prune_ratio)
-    criterion = _check_method(method, importance, variant)
-    cost_aware.check_allocation(allocation)
-    repair = validate_section(ReconstructConfig, {"method": reconstruct} if isinstance(reconstruct, str)
-                              else reconstruct, "reconstruct")
-    if not (0 < delta < 1 and c > 0 and K > 0):
-        raise UsageError(f"need 0 < delta < 1, c > 0 and K > 0; got delta={delta}, c={c}, K={K}")
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
-        raise UsageError(f"tolerance must be a number > 0 (0.01: within 1 % of the dense cost), got {tolerance!r}")
+    # The keyword arguments are the recipe's prune section: one schema validates both (RecipeError
+    # naming the argument, with a suggestion for a misspelt name).
+    cfg = validate_section(PruneConfig, {
+        "keep": keep, "metric": metric, "variant": variant, "round_to": 1 if round_to is None else round_to,
+        "min_channels": min_channels, "max_prune_ratio": 1.0 if max_prune_ratio is None else max_prune_ratio,
+        "ignored_layers": list(ignored_layers or []), "overrides": overrides or {}, "seed": seed,
+        "tolerance": tolerance, "delta": delta, "c": c, "K": K, "reconstruct": reconstruct,
+        "allocation": allocation, "method": method}, "prune()")
+    keep, metric, variant, round_to, min_channels = cfg.keep, cfg.metric, cfg.variant, cfg.round_to, cfg.min_channels
+    max_prune_ratio, ignored_layers, seed, tolerance = cfg.max_prune_ratio, cfg.ignored_layers, cfg.seed, cfg.tolerance
+    delta, c, K, allocation, repair = cfg.delta, cfg.c, cfg.K, cfg.allocation, cfg.reconstruct
+    overrides = {name: o.model_dump(exclude_none=True) for name, o in cfg.overrides.items()}
+    criterion = _check_method(method, importance)
     timings = {}
     t0 = time.perf_counter()
-    work = _private_copy(model)  # everything below runs on this copy: the model given stays as it is
+    work = private_copy(model)  # everything below runs on this copy: the model given stays as it is
     modes = saved_modes(work)
     reference = _check_example_inputs(work, example_inputs)
 
@@ -435,11 +323,11 @@ def prune(
         timings["allocation"] += time.perf_counter() - start
         start = time.perf_counter()
         rng = np.random.default_rng(seed)
-        stage_groups = [_group_plan(g, w, sc, variant if importance is None else "deterministic", rng)
+        step_groups = [_group_plan(g, w, sc, variant if importance is None else "deterministic", rng)
                         for g, w, sc in zip(groups, widths, choice_scores)]
         try:
-            pruned = _apply_stage(work, stage_groups, example_inputs, fold_gamma=True, reference=reference)
-        except _BrokenGroups as exc:
+            pruned = apply_step(work, step_groups, example_inputs, fold_gamma=True, reference=reference)
+        except BrokenGroups as exc:
             # Each group breaks at most once (it is then frozen at full width), so this ends.
             for index, reason in exc.broken.items():
                 budgets[index].fixed = True
@@ -471,14 +359,14 @@ def prune(
                                "raise tolerance or lower round_to") + _skipped_note(skipped)
         )
     eps_widths = eps if allocation == "paper" else cost_aware.certified_epsilon(budgets, widths)
-    stage = {"keep": keep, "metric": metric, "variant": variant, "epsilon": eps, "seed": seed,
+    step = {"keep": keep, "metric": metric, "variant": variant, "epsilon": eps, "seed": seed,
              "allocation": allocation, "epsilon_widths": eps_widths,
              "importance": None if importance is None else getattr(importance, "__name__", type(importance).__name__),
-             "groups": stage_groups}
+             "groups": step_groups}
     repaired = None
     if repair.method != "none":
         start = time.perf_counter()
-        repaired = reconstruct_layers(work, pruned, calibration, repair, plan=Plan([stage]),
+        repaired = reconstruct_layers(work, pruned, calibration, repair, plan=Plan([step]),
                                       example_inputs=example_inputs, progress=progress)
         timings["reconstruction"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - t0
@@ -490,20 +378,18 @@ def prune(
         "target": keep, "achieved": measured / dense, "allowed_deviation": allowed / dense,
         "seconds": {k: round(v, 4) for k, v in timings.items()},
         "groups": [{"name": g["root"], "width_before": g["width_before"], "width_after": g["width_after"]}
-                   for g in stage_groups],
+                   for g in step_groups],
         "unscored_groups": unscored,
         "skipped_groups": skipped,
         "calibration_layers": len(sensitivities),
         "reconstruction": repaired.to_dict() if repaired is not None else {"method": "none"},
     }
-    return PruneResult(model=pruned, plan=Plan([stage]), report=report, sensitivities=sensitivities)
+    return PruneResult(model=pruned, plan=Plan([step]), report=report, sensitivities=sensitivities)
 
 
 def reconstruct_layers(dense: nn.Module, pruned: nn.Module, calibration: Iterable, config: ReconstructConfig,
                        **kwargs):
     """pfp_deploy.reconstruction.reconstruct with a recipe's prune.reconstruct settings (in place)."""
-    from .reconstruction import reconstruct  # lazy: the module is large and prune(reconstruct="none") skips it
-
     return reconstruct(dense, pruned, calibration, ridge=config.ridge, layers=config.layers,
                        max_memory_mb=config.max_memory_mb, underdetermined=config.underdetermined, **kwargs)
 
@@ -533,7 +419,7 @@ def _measured_floor(model, groups, budgets, choice_scores, example_inputs, metri
     widths = [pfp_allocation.constrain(b.min_keep, b) for b in budgets]
     floor = [_group_plan(g, w, sc, "deterministic", rng) for g, w, sc in zip(groups, widths, choice_scores)]
     try:
-        macs, params = count_cost(_apply_stage(model, floor, example_inputs, fold_gamma=False), example_inputs)
+        macs, params = count_cost(apply_step(model, floor, example_inputs, fold_gamma=False), example_inputs)
     except Exception:  # noqa: BLE001 - only an estimate for the error message: never mask the real error
         return cost(widths)
     return float(macs if metric == "macs" else params)
@@ -555,17 +441,12 @@ def _budget(group: ChannelGroup, sensitivities, info, settings: dict, k: float) 
     )
 
 
-def _check_method(method: str, importance: Callable | None, variant: str):
-    """The registered criterion `method` names; UsageError for an unknown name or a clash with importance=."""
-    from .criteria import get_criterion  # the registry loads its files on first use
-
-    criterion = get_criterion(method)  # UsageError with a did-you-mean
+def _check_method(method: str, importance: Callable | None):
+    """The registered criterion `method` names (validated); UsageError when importance= is given too."""
+    criterion = get_criterion(method)
     if importance is not None and criterion.name != "pfp":
         raise UsageError(f"give method= or importance=, not both (got method={method!r} and an importance "
                          "callable): method names a registered criterion that builds the importance")
-    if criterion.name != "pfp" and variant != "deterministic":
-        raise UsageError(f"variant {variant!r} samples channels by PFP's sensitivities; with method "
-                         f"{criterion.name!r} the criterion's scores choose them: use variant='deterministic'")
     return criterion
 
 
@@ -597,160 +478,3 @@ def _select_channels(group: ChannelGroup, scores: np.ndarray, width: int, varian
     return Selection(kept, None)
 
 
-# ----------------------------------------------------------------------------- removal
-
-class _BrokenGroups(Exception):
-    """Internal: removing these groups (index into the stage -> why) breaks the model."""
-
-    def __init__(self, broken: dict[int, str]):
-        super().__init__(f"{len(broken)} group(s) break the model")
-        self.broken = broken
-
-
-def _traced_copy(model: nn.Module, example_inputs):
-    """A private copy of `model`, its dependency graph and its modules by name."""
-    pruned = _private_copy(model)
-    modes = saved_modes(pruned)
-    graph = build_graph(pruned, example_inputs)
-    restore_modes(pruned, modes)  # the trace switched every module to eval() and may have filled caches
-    return pruned, graph, dict(pruned.named_modules())
-
-
-def _remove(graph, modules: dict, entry: dict) -> None:
-    """Remove the channels of one group that its plan entry does not keep."""
-    removed = sorted(set(range(entry["width_before"])) - set(entry["kept"]))
-    if removed:
-        search_group(graph, modules[entry["root"]], removed).prune()
-
-
-def _apply_stage(model: nn.Module, stage_groups: list[dict], example_inputs, fold_gamma: bool,
-                 reference: list | None = None) -> nn.Module:
-    """A pruned copy of `model`: gamma folded into consumers, then each group's channels removed.
-
-    With `reference` (the dense model's output shapes) the result must run on `example_inputs`
-    with those shapes; otherwise _BrokenGroups names the groups whose removal breaks it.
-    """
-    pruned, graph, modules = _traced_copy(model, example_inputs)
-    for entry in stage_groups:
-        root = modules.get(entry["root"])
-        if root is None:
-            raise ModelLoadError(f'the plan names layer "{entry["root"]}", which this model does not have')
-        width = graph.get_out_channels(root)
-        if width != entry["width_before"]:
-            raise ModelLoadError(
-                f'plan/model mismatch at "{entry["root"]}": the plan expects {entry["width_before"]} '
-                f"channels, the model has {width}: the plan belongs to another model or stage"
-            )
-        if fold_gamma and entry.get("gamma") is not None:
-            _fold_gamma(graph, root, width, entry)
-    failure = None
-    for entry in stage_groups:
-        try:
-            _remove(graph, modules, entry)
-        except Exception as exc:  # noqa: BLE001 - torch-pruning failing inside a removal
-            failure = (entry["root"], exc)
-            break
-    if reference is None:  # replaying a plan: it removed these groups once, so a failure is a mismatch
-        if failure is not None:
-            raise PruningError(
-                f'torch-pruning cannot remove the planned channels of "{failure[0]}" ({_first_line(failure[1])}): '
-                f'the plan belongs to another model, or prune it again with ignored_layers=["{failure[0]}"]'
-            ) from failure[1]
-        return pruned
-    if failure is None and _verify(pruned, example_inputs, reference) is None:
-        return pruned
-    raise _BrokenGroups(_locate_broken(model, stage_groups, example_inputs, reference))
-
-
-def _locate_broken(model: nn.Module, stage_groups: list[dict], example_inputs, reference: list) -> dict[int, str]:
-    """Which groups break the model: remove them one at a time on a fresh copy, checking after
-    each; a group that breaks it is recorded and the copy rebuilt without it (torch-pruning has
-    no undo, and a failed removal may leave a layer half-pruned)."""
-    broken, done = {}, []
-    pruned, graph, modules = _traced_copy(model, example_inputs)
-    for index, entry in enumerate(stage_groups):
-        if len(entry["kept"]) == entry["width_before"]:
-            continue
-        try:
-            _remove(graph, modules, entry)
-            problem = _verify(pruned, example_inputs, reference)
-        except Exception as exc:  # noqa: BLE001 - torch-pruning failing inside a removal
-            problem = f"torch-pruning fails removing its channels ({_first_line(exc)})"
-        if problem is None:
-            done.append(entry)
-            continue
-        broken[index] = problem
-        pruned, graph, modules = _traced_copy(model, example_inputs)
-        for good in done:
-            _remove(graph, modules, good)
-    if not broken:
-        raise PruningError("the pruned model fails its check, yet no single group breaks it; please report "
-                           "this model (prune(..., ignored_layers=[...]) narrows it down)")
-    return broken
-
-
-def _fold_gamma(graph, root, width, entry) -> None:
-    """Scale every dense consumer's input weights of a kept channel c by gamma_c (exact)."""
-    from .pfp.sensitivity import is_dense_layer
-
-    gamma = torch.ones(width)
-    gamma[torch.as_tensor(entry["kept"], dtype=torch.long)] = torch.as_tensor(entry["gamma"], dtype=torch.float32)
-    full = search_group(graph, root, range(width))
-    with torch.no_grad():
-        for item in full:
-            module = item.dep.target.module
-            if graph.is_in_channel_pruning_fn(item.dep.handler) and isinstance(module, nn.Module) and is_dense_layer(module):
-                idx = torch.as_tensor(item.idxs, dtype=torch.long)
-                scale = gamma[torch.as_tensor(item.root_idxs, dtype=torch.long)].to(module.weight)
-                shape = (1, -1) + (1,) * (module.weight.dim() - 2)
-                module.weight[:, idx] *= scale.view(shape)
-
-
-def apply_plan(base_model: nn.Module, plan: Plan, example_inputs) -> nn.Module:
-    """Replay a plan's removals on a copy of `base_model` (weights are loaded separately)."""
-    model = base_model
-    for stage in plan.stages:
-        model = _apply_stage(model, stage["groups"], example_inputs, fold_gamma=False)
-    return model
-
-
-def save_pruned(path, model: nn.Module, plan: Plan, base: dict | None = None, example_shape=None) -> Path:
-    """Write {plan, state_dict, base model config} atomically; loads with weights_only=True."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": "pfp-deploy-pruned", "version": 1, "plan": plan.to_dict(),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "base": base or {}, "example_shape": list(example_shape) if example_shape else None}
-    return torch_save_atomic(payload, path)
-
-
-def load_pruned(path, base_model: nn.Module | None = None, example_inputs=None) -> nn.Module:
-    """Rebuild a pruned model from base model + plan + state_dict (no pickled modules).
-
-    Without `base_model` the architecture recorded in the file is built, which may only be a builtin
-    or torchvision model: a file never makes pfp-deploy import or call code (pass base_model= for a
-    model of your own)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"pruned model file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot read pruned model {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != "pfp-deploy-pruned":
-        raise ModelLoadError(f"{path} is not a pfp-deploy pruned model (save it with save_pruned)")
-    if base_model is None:  # the file's architecture record: a builtin/torchvision name, never code
-        from .models import architecture_from_file, build_model
-
-        base_model = build_model(architecture_from_file(payload.get("base"), path))
-    if example_inputs is None:
-        shape = payload.get("example_shape")
-        if not shape:
-            raise ModelLoadError(f"{path} stores no input shape: pass example_inputs=")
-        example_inputs = torch.randn(*shape)
-    model = apply_plan(base_model, Plan.from_dict(payload["plan"]), example_inputs)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise ModelLoadError(f"weights in {path} do not match the rebuilt model: {exc}") from exc
-    return model

@@ -32,7 +32,7 @@ whose outputs already match the dense model, and the next dense consumer absorbs
 Which channels a pruned layer kept is derived from the pruning `Plan` (module names are the
 dense model's): the plan is replayed on a float64 copy of the dense model whose weights encode
 their own (output, input) indices, so every index mapping torch-pruning applies (residual adds,
-concatenations, flatten -> Linear, cascades of several stages) is read back exactly.
+concatenations, flatten -> Linear, cascades of several steps) is read back exactly.
 
 Cost: the dense targets of as many layers as the memory budget allows are computed in one dense
 pass and cached; each level of mutually independent layers then takes one pass of the pruned model
@@ -55,6 +55,7 @@ from torch import nn
 from .distributed import all_reduce_max, all_reduce_sum
 from .errors import CalibrationError, PruningError, UsageError
 from .pfp.sensitivity import _first_tensor, _patches, is_dense_layer
+from .plan import Plan, apply_plan, private_copy
 
 __all__ = ["DEFAULT_MAX_MEMORY_MB", "DEFAULT_RIDGE", "IndexMap", "LayerReconstruction", "ReconstructionResult",
            "index_maps_from_plan", "reconstruct"]
@@ -148,11 +149,9 @@ def _as_double(inputs):
 def index_maps_from_plan(dense: nn.Module, plan, example_inputs) -> dict[str, IndexMap]:
     """Per dense layer name, the indices of the dense model's inputs/outputs it keeps after `plan`.
 
-    `plan` is a pruning.Plan (or its to_dict(), or a PruneResult) made on `dense`: all its stages
+    `plan` is a pruning.Plan (or its to_dict(), or a PruneResult) made on `dense`: all its steps
     are replayed, so a cascade's maps compose. `dense` is not modified (a float64 copy is tagged).
     """
-    from .pruning import Plan, apply_plan
-
     if hasattr(plan, "plan") and not isinstance(plan, Plan):
         plan = plan.plan  # a PruneResult
     if isinstance(plan, Mapping):
@@ -160,10 +159,7 @@ def index_maps_from_plan(dense: nn.Module, plan, example_inputs) -> dict[str, In
     if not isinstance(plan, Plan):
         raise UsageError(f"plan must be a pfp_deploy Plan (PruneResult.plan) or its to_dict(), "
                          f"got {type(plan).__name__}")
-    from . import pruning
-
-    copier = getattr(pruning, "_private_copy", copy.deepcopy)  # deep-copies models caching graph tensors too
-    tagged = copier(dense).cpu().double()
+    tagged = private_copy(dense).cpu().double()  # deep-copies models caching graph tensors too
     widths = _tag_weights(tagged)
     replay = apply_plan(tagged, plan, _as_double(example_inputs))
     maps = {}
@@ -596,7 +592,7 @@ def reconstruct(
 
     `pruned` is modified in place (its weights and biases only); `dense` is never modified and both
     models' train/eval flags come back as they were. Which channels each layer kept comes from
-    `plan` (PruneResult.plan; all its stages, replayed with `example_inputs`, by default one
+    `plan` (PruneResult.plan; all its steps, replayed with `example_inputs`, by default one
     calibration sample), or from `index_maps` ({layer name: (kept_in, kept_out)} or IndexMap, None
     meaning all), or, when neither is given, the two models must have equal layer shapes.
 

@@ -1,7 +1,8 @@
 """Human-readable run report: report.md with tables and PNG plots, an atomic JSON writer and a terminal summary.
 
-The input is the plain report dict the pipeline builds (every section optional). matplotlib is imported
-inside the plotting functions, so importing this module stays cheap and works without the report extra.
+The input is an artifacts.Report (the pipeline's, or report.json's dict, validated by `as_report`): every
+section has its typed fields, so nothing here probes a dict. matplotlib is imported inside the plotting
+functions, so importing this module stays cheap and works without the report extra.
 """
 from __future__ import annotations
 
@@ -14,15 +15,20 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pfp_deploy.fileio import atomic_open
+from pfp_deploy.artifacts import (
+    ACCURACY_STEPS,
+    FinetuneStep,
+    GroupWidth,
+    PruneStep,
+    Report,
+    TargetRow,
+)
+from pfp_deploy.fileio import atomic_open, write_text_atomic
 
 PLOT_DPI = 110
 MAX_GROUP_ROWS = 20  # more groups than this: the width table goes under <details>
 MAX_BAR_LABELS = 40  # more groups than this: widths.png becomes a profile with sparse labels
 MAX_SUMMARY_TARGETS = 12
-# The accuracy steps of a run, in order (defined once: the pipeline's "final accuracy" is the last one run).
-ACCURACY_STEPS = (("dense", "Dense"), ("pruned_only", "Pruned only"), ("reconstructed", "+ Reconstruction"),
-                  ("bn_recalibrated", "+ BN recalibration"), ("finetuned", "+ Fine-tune"))
 STATUS_BADGE = {"passed": "✅ PASSED", "failed": "❌ FAILED", "error": "💥 ERROR",
                 "interrupted": "⏸️ INTERRUPTED", "skipped": "⏭️ SKIPPED"}
 NOT_RUN = "_Not run._"
@@ -124,55 +130,35 @@ def _ratio(dense: Any, pruned: Any) -> tuple[float | None, float | None]:
     return d / p, 100.0 * (1 - p / d)
 
 
-def _top1(accuracy: Mapping | None, step: str) -> float | None:
-    return _num(((accuracy or {}).get(step) or {}).get("top1"))
-
-
-def _final_step(accuracy: Mapping | None) -> str | None:
-    """The last accuracy step that was measured (fine-tune, else BN recalibration, else pruned only)."""
-    for step, _ in reversed(ACCURACY_STEPS[1:]):
-        if _top1(accuracy, step) is not None:
-            return step
-    return None
-
-
-def _target_where(row: Mapping) -> str:
+def _target_where(row: TargetRow) -> str:
     """'onnxruntime / CUDAExecutionProvider', 'openvino / GPU fp16'."""
-    target = row.get("target") or {}
-    measured = row.get("dense") or {}
-    runtime = target.get("runtime") or measured.get("runtime") or "?"
-    where = target.get("provider") or target.get("device") or measured.get("device") or "CPU"
+    target, measured = row.target, row.dense
+    runtime = target.get("runtime") or (measured.runtime if measured else None) or "?"
+    where = target.get("provider") or target.get("device") or (measured.device if measured else None) or "CPU"
     precision = target.get("precision") or "fp32"
     return f"{runtime} / {where}" + ("" if precision == "fp32" else f" {precision}")
 
 
-def _efficiency(row: Mapping) -> float | None:
-    if _num(row.get("efficiency")) is not None:
-        return _num(row["efficiency"])
-    speedup, macs = _num(row.get("speedup")), _num(row.get("macs_ratio"))
-    return speedup / macs if speedup and macs else None
+def as_report(report: Report | Mapping) -> Report:
+    """A Report from the pipeline, or report.json's dict read back (validated; unknown keys kept)."""
+    return report if isinstance(report, Report) else Report.model_validate(dict(report))
 
 
 # ----------------------------------------------------------------------------- markdown sections
 
 
-def _header(report: Mapping, warnings: list[str]) -> list[str]:
-    status = str(report.get("status") or "unknown")
-    lines = [f"# pfp-deploy report: {report.get('name', 'unnamed run')}", "",
-             f"**Status: {STATUS_BADGE.get(status, status.upper())}** · exit code {report.get('exit_code', '—')}"
-             + (f" · {report['created']}" if report.get("created") else "")]
-    facts = []
-    if (report.get("model") or {}).get("name"):
-        facts.append(f"model `{report['model']['name']}`")
-    if (report.get("data") or {}).get("format"):
-        facts.append(f"data `{report['data']['format']}`")
-    if (report.get("prune") or {}).get("variant"):
-        facts.append(f"PFP variant `{report['prune']['variant']}`")
+def _header(report: Report, warnings: list[str]) -> list[str]:
+    lines = [f"# pfp-deploy report: {report.name}", "",
+             f"**Status: {STATUS_BADGE.get(report.status, report.status.upper())}** · exit code "
+             f"{'—' if report.exit_code is None else report.exit_code}"
+             + (f" · {report.created}" if report.created else "")]
+    facts = [f"{label} `{value}`" for label, value in (("model", report.model.name), ("data", report.data.format),
+                                                       ("PFP variant", report.prune.variant)) if value]
     if facts:
         lines += ["", " · ".join(facts)]
-    if report.get("message"):
-        lines += ["", f"> {_cell(report['message'], 1000)}"]
-    if (report.get("data") or {}).get("meaningful_accuracy") is False:
+    if report.message:
+        lines += ["", f"> {_cell(report.message, 1000)}"]
+    if report.data.meaningful_accuracy is False:
         lines += ["", "> ⚠️ **Synthetic data:** accuracy figures below are not meaningful; "
                       "they only show that the pipeline ran. Point the recipe at a real dataset to judge accuracy."]
     for warning in warnings:
@@ -180,52 +166,51 @@ def _header(report: Mapping, warnings: list[str]) -> list[str]:
     return lines
 
 
-def _summary(report: Mapping) -> list[str]:
+def _summary(report: Report) -> list[str]:
     lines = ["## Summary", ""]
-    model, accuracy = report.get("model"), report.get("accuracy")
-    if model:
+    model, accuracy = report.model, report.accuracy
+    if model.macs_dense is not None or model.params_dense is not None:
         rows = []
-        for label, key in (("Parameters", "params"), ("MACs", "macs")):
-            ratio, reduction = _ratio(model.get(f"{key}_dense"), model.get(f"{key}_pruned"))
-            rows.append([label, _count(model.get(f"{key}_dense")), _count(model.get(f"{key}_pruned")),
-                         _fixed(ratio, 2, "×"), _fixed(reduction, 1, " %")])
+        for label, dense, pruned in (("Parameters", model.params_dense, model.params_pruned),
+                                     ("MACs", model.macs_dense, model.macs_pruned)):
+            ratio, reduction = _ratio(dense, pruned)
+            rows.append([label, _count(dense), _count(pruned), _fixed(ratio, 2, "×"), _fixed(reduction, 1, " %")])
         lines += _table(["", "Dense", "Pruned", "Ratio", "Reduction"], rows) + [""]
     else:
         lines += ["Model size: " + NOT_RUN, ""]
-    if accuracy:
-        final = _final_step(accuracy)
-        rows = []
-        for metric in ("top1", "top5"):
-            values = [_num((accuracy.get(step) or {}).get(metric)) for step, _ in ACCURACY_STEPS]
-            if all(v is None for v in values):
-                continue
-            dense = values[0]
-            final_value = _num((accuracy.get(final) or {}).get(metric)) if final else None
-            drop = dense - final_value if dense is not None and final_value is not None else None
-            rows.append([f"Top-{metric[3:]} (%)", *(_fixed(v) for v in values), _fixed(drop)])
+    final = accuracy.final_step()
+    rows = []
+    for metric in ("top1", "top5"):
+        values = [_num(getattr(getattr(accuracy, step), metric)) if getattr(accuracy, step) else None
+                  for step, _ in ACCURACY_STEPS]
+        if all(v is None for v in values):
+            continue
+        dense = values[0]
+        final_value = values[[step for step, _ in ACCURACY_STEPS].index(final)] if final else None
+        drop = dense - final_value if dense is not None and final_value is not None else None
+        rows.append([f"Top-{metric[3:]} (%)", *(_fixed(v) for v in values), _fixed(drop)])
+    if rows:
         lines += _table(["Accuracy", *(label for _, label in ACCURACY_STEPS), "Drop (pts)"], rows)
     else:
         lines += ["Accuracy: " + NOT_RUN]
     return lines
 
 
-def _targets(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
+def _targets(report: Report, plots: Mapping[str, Path]) -> list[str]:
     lines = ["## Deployment targets", ""]
-    rows = report.get("targets")
-    if rows is None:
+    if report.targets is None:
         return lines + [NOT_RUN]
-    if not rows:
+    if not report.targets:
         return lines + ["_No targets configured._"]
     table = []
-    for row in rows:
-        dense, pruned = row.get("dense") or {}, row.get("pruned") or {}
-        status = str(row.get("status", "?"))
-        batch = (row.get("target") or {}).get("batch") or dense.get("batch") or "—"
-        table.append([row.get("name", "?"), _target_where(row), batch, STATUS_BADGE.get(status, status),
-                      f"{_ms(dense.get('p50_ms'))} / {_ms(dense.get('p90_ms'))}",
-                      f"{_ms(pruned.get('p50_ms'))} / {_ms(pruned.get('p90_ms'))}",
-                      _fixed(row.get("speedup"), 2, "×"), _fixed(row.get("macs_ratio"), 2, "×"),
-                      _fixed(_efficiency(row), 2), "" if status == "passed" else row.get("reason", "")])
+    for row in report.targets:
+        dense, pruned = row.dense, row.pruned
+        batch = row.target.get("batch") or (dense.batch if dense else None) or "—"
+        table.append([row.name, _target_where(row), batch, STATUS_BADGE.get(row.status, row.status),
+                      f"{_ms(dense and dense.p50_ms)} / {_ms(dense and dense.p90_ms)}",
+                      f"{_ms(pruned and pruned.p50_ms)} / {_ms(pruned and pruned.p90_ms)}",
+                      _fixed(row.speedup, 2, "×"), _fixed(row.macs_ratio, 2, "×"),
+                      _fixed(row.efficiency_or_derived(), 2), "" if row.status == "passed" else row.reason])
     lines += _table(["Target", "Runtime / device", "Batch", "Status", "Dense p50 / p90 (ms)",
                      "Pruned p50 / p90 (ms)", "Speed-up", "MACs ratio", "Efficiency", "Reason"], table)
     lines += ["", "_Efficiency = speed-up ÷ MACs ratio: the share of the MACs cut that turned into time._"]
@@ -234,122 +219,115 @@ def _targets(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
     return lines
 
 
-def _checks(report: Mapping) -> list[str]:
+def _checks(report: Report) -> list[str]:
     lines = ["## Checks", ""]
-    checks = report.get("checks")
-    if checks is None:
+    if report.checks is None:
         return lines + [NOT_RUN]
-    if not checks:
+    if not report.checks:
         return lines + ["_No checks._"]
-    rows = [[c.get("name", "?"), STATUS_BADGE.get(str(c.get("status")), c.get("status")), c.get("detail", "")]
-            for c in checks]
+    rows = [[c.name, STATUS_BADGE.get(c.status, c.status), c.detail or ""] for c in report.checks]
     return lines + _table(["Check", "Status", "Detail"], rows)
 
 
-def _pruning(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
+def _pruning(report: Report, plots: Mapping[str, Path]) -> list[str]:
     lines = ["## Pruning", ""]
-    prune = report.get("prune")
-    if not prune:
+    prune = report.prune
+    if not (prune.steps or prune.groups or prune.method or prune.metric):
         return lines + [NOT_RUN]
-    facts = [f"{label} `{prune[key]}`" for key, label in (("method", "Criterion"), ("metric", "metric"),
-             ("variant", "variant"), ("allocation", "allocation"), ("reconstruct", "reconstruction")) if prune.get(key)]
+    facts = [f"{label} `{value}`" for label, value in (
+        ("Criterion", prune.method), ("metric", prune.metric), ("variant", prune.variant),
+        ("allocation", prune.allocation), ("reconstruction", prune.reconstruct)) if value]
     lines += [" · ".join(facts), ""]
-    stages = prune.get("stages") or []
-    if stages:
+    if prune.steps:
         rows = []
-        for i, stage in enumerate(stages, 1):
-            secs = stage.get("seconds") or {}
-            rows.append([i, _fixed(stage.get("keep"), 3), _fixed(stage.get("epsilon"), 3),
-                         _fixed(stage.get("achieved"), 3), _count(stage.get("macs")), _count(stage.get("params")),
-                         _secs(secs.get("sensitivity")), _secs(secs.get("allocation")), _secs(secs.get("removal")),
-                         _secs(secs.get("reconstruction"))])
-        lines += _table(["Stage", "Keep", "ε (paper)", "Achieved", "MACs", "Params", "Sensitivity", "Allocation",
+        for i, step in enumerate(prune.steps, 1):
+            secs = step.seconds
+            rows.append([i, _fixed(step.keep, 3), _fixed(step.epsilon, 3), _fixed(step.achieved, 3),
+                         _count(step.macs), _count(step.params), _secs(secs.get("sensitivity")),
+                         _secs(secs.get("allocation")), _secs(secs.get("removal")), _secs(secs.get("reconstruction"))])
+        lines += _table(["Step", "Keep", "ε (paper)", "Achieved", "MACs", "Params", "Sensitivity", "Allocation",
                          "Removal", "Reconstruction"], rows) + [""]
-    if prune.get("unprunable_groups"):
-        names = ", ".join(f"`{g}`" for g in prune["unprunable_groups"])
-        lines += [f"Not prunable ({len(prune['unprunable_groups'])}): {names}", ""]
-    if prune.get("skipped_groups"):
+    if prune.unprunable_groups:
+        names = ", ".join(f"`{g}`" for g in prune.unprunable_groups)
+        lines += [f"Not prunable ({len(prune.unprunable_groups)}): {names}", ""]
+    if prune.skipped_groups:
         lines += [f"Left unpruned because removing their channels broke the model "
-                  f"({len(prune['skipped_groups'])}):", ""]
-        lines += [f"- `{g.get('name')}`: {g.get('reason')}" for g in prune["skipped_groups"]] + [""]
-    groups = prune.get("groups") or []
-    if groups:
+                  f"({len(prune.skipped_groups)}):", ""]
+        lines += [f"- `{g.name}`: {g.reason}" for g in prune.skipped_groups] + [""]
+    if prune.groups:
         rows = []
-        for g in groups:
-            before, after = _num(g.get("width_before")), _num(g.get("width_after"))
+        for g in prune.groups:
+            before, after = _num(g.width_before), _num(g.width_after)
             kept = 100.0 * after / before if before and after is not None else None
-            rows.append([g.get("name", "?"), g.get("width_before", "—"), g.get("width_after", "—"),
-                         _fixed(kept, 0, " %")])
+            rows.append([g.name, _or_dash(g.width_before), _or_dash(g.width_after), _fixed(kept, 0, " %")])
         table = _table(["Group", "Width before", "Width after", "Kept"], rows)
-        if len(groups) > MAX_GROUP_ROWS:  # long tables would push everything else off screen
-            table = [f"<details><summary>Channel widths of {len(groups)} groups</summary>", "", *table, "",
+        if len(prune.groups) > MAX_GROUP_ROWS:  # long tables would push everything else off screen
+            table = [f"<details><summary>Channel widths of {len(prune.groups)} groups</summary>", "", *table, "",
                      "</details>"]
         lines += table
     if "widths" in plots:
         lines += ["", f"![Channel widths before and after pruning]({plots['widths'].name})"]
-    lines += _reconstruction(stages, plots)
+    lines += _reconstruction(prune.steps, plots)
     return lines
 
 
-def _reconstruction(stages: Sequence[Mapping], plots: Mapping[str, Path]) -> list[str]:
+def _or_dash(value: Any) -> Any:
+    return "—" if value is None else value
+
+
+def _reconstruction(steps: Sequence[PruneStep], plots: Mapping[str, Path]) -> list[str]:
     """Per dense layer: relative output error on the calibration data before / after the refit."""
     lines: list[str] = []
-    for i, stage in enumerate(stages, 1):
-        rec = stage.get("reconstruction") or {}
-        layers = rec.get("layers") or []
-        if not layers:
+    for i, step in enumerate(steps, 1):
+        rec = step.reconstruction
+        if rec is None or not rec.layers:
             continue
-        title = "### Reconstruction" + (f" (stage {i})" if len(stages) > 1 else "")
+        title = "### Reconstruction" + (f" (step {i})" if len(steps) > 1 else "")
         lines += ["", title, "",
-                  f"Least squares, ridge {rec.get('ridge')}, {rec.get('samples')} calibration samples, "
-                  f"{_secs(rec.get('seconds'))}. Relative output error of each layer on the calibration "
+                  f"Least squares, ridge {rec.ridge}, {rec.samples} calibration samples, "
+                  f"{_secs(rec.seconds)}. Relative output error of each layer on the calibration "
                   "data, with the dense model's outputs as the reference (0 = exact).", ""]
-        rows = [[layer.get("name", "?"), f"{layer.get('kept_in')}/{layer.get('in_before')}",
-                 f"{layer.get('kept_out')}/{layer.get('out_before')}", _fixed(layer.get("error_before"), 4),
-                 _fixed(layer.get("error_after"), 4), layer.get("status", "")] for layer in layers]
+        rows = [[layer.name, f"{layer.kept_in}/{layer.in_before}", f"{layer.kept_out}/{layer.out_before}",
+                 _fixed(layer.error_before, 4), _fixed(layer.error_after, 4), layer.status] for layer in rec.layers]
         table = _table(["Layer", "Inputs kept", "Outputs kept", "Error before", "Error after", "Status"], rows)
         if len(rows) > MAX_GROUP_ROWS:
             table = [f"<details><summary>Reconstruction of {len(rows)} layers</summary>", "", *table, "",
                      "</details>"]
         lines += table
-        skipped = rec.get("skipped") or []
-        if skipped:
-            lines += ["", f"Left as pruned ({len(skipped)}): " + "; ".join(
-                f"`{s.get('name')}` ({s.get('reason')})" for s in skipped)]
+        if rec.skipped:
+            lines += ["", f"Left as pruned ({len(rec.skipped)}): " + "; ".join(
+                f"`{s.get('name')}` ({s.get('reason')})" for s in rec.skipped)]
     if lines and "reconstruction" in plots:
         lines += ["", f"![Per-layer error before and after reconstruction]({plots['reconstruction'].name})"]
     return lines
 
 
-def _finetune(report: Mapping, plots: Mapping[str, Path]) -> list[str]:
+def _finetune(report: Report, plots: Mapping[str, Path]) -> list[str]:
     lines = ["## Fine-tuning", ""]
-    stages = (report.get("finetune") or {}).get("stages")
-    if not stages:
+    steps = report.finetune.steps
+    if not steps:
         return lines + [NOT_RUN]
     rows = []
-    for i, stage in enumerate(stages, 1):
-        history = stage.get("history") or []
-        top1 = [_num(h.get("val_top1")) for h in history]
-        top1 = [v for v in top1 if v is not None]
-        rows.append([i, _fixed(stage.get("keep"), 3), len(history), _fixed(max(top1) if top1 else None),
-                     _fixed(top1[-1] if top1 else None), _secs(sum(_num(h.get("seconds")) or 0 for h in history))])
-    lines += _table(["Stage", "Keep", "Epochs", "Best val top-1 (%)", "Last val top-1 (%)", "Time"], rows)
+    for i, step in enumerate(steps, 1):
+        top1 = [v for v in (_num(h.get("val_top1")) for h in step.history) if v is not None]
+        rows.append([i, _fixed(step.keep, 3), len(step.history), _fixed(max(top1) if top1 else None),
+                     _fixed(top1[-1] if top1 else None), _secs(sum(_num(h.get("seconds")) or 0 for h in step.history))])
+    lines += _table(["Step", "Keep", "Epochs", "Best val top-1 (%)", "Last val top-1 (%)", "Time"], rows)
     if "finetune" in plots:
         lines += ["", f"![Validation top-1 during fine-tuning]({plots['finetune'].name})"]
     return lines
 
 
-def _export(report: Mapping) -> list[str]:
+def _export(report: Report) -> list[str]:
     lines = ["## Export and parity", ""]
-    export = report.get("export")
-    if not export:
+    export = report.export
+    if export is None or not (export.files or export.parity):
         return lines + [NOT_RUN]
-    files = export.get("files") or {}
-    if files:
-        lines += _table(["File", "Path"], [[k, f"`{v}`"] for k, v in files.items()]) + [""]
+    if export.files:
+        lines += _table(["File", "Path"], [[k, f"`{v}`"] for k, v in export.files.items()]) + [""]
     rows = []
-    for model, parity in (export.get("parity") or {}).items():
-        for rt in (parity or {}).get("runtimes") or []:
+    for model, parity in export.parity.items():
+        for rt in parity.get("runtimes") or []:
             outputs = rt.get("outputs") or []
             max_abs = max((_num(o.get("max_abs_diff")) or 0.0 for o in outputs), default=None)
             max_rel = max((_num(o.get("max_rel_diff")) or 0.0 for o in outputs), default=None)
@@ -364,14 +342,14 @@ def _export(report: Mapping) -> list[str]:
     if rows:
         lines += _table(["Model", "Runtime", "Tolerance", "Max abs diff", "Max rel diff", "Top-1 agreement",
                          "Setting"], rows)
-    elif not files:
+    elif not export.files:
         lines += [NOT_RUN]
     return lines
 
 
-def _timings(report: Mapping) -> list[str]:
+def _timings(report: Report) -> list[str]:
     lines = ["## Timings", ""]
-    times = report.get("times")
+    times = report.times
     if not times:
         return lines + [NOT_RUN]
     rows = [[stage, _secs(s)] for stage, s in times.items()]
@@ -380,13 +358,12 @@ def _timings(report: Mapping) -> list[str]:
     return lines + _table(["Stage", "Time"], rows)
 
 
-def _env(report: Mapping) -> list[str]:
+def _env(report: Report) -> list[str]:
     lines = ["## Environment", ""]
-    env = report.get("env")
-    if not env:
+    if not report.env:
         return lines + [NOT_RUN]
     rows = []
-    for key, value in env.items():
+    for key, value in report.env.items():
         if isinstance(value, Mapping):  # one level of nesting, e.g. {"versions": {...}}
             rows += [[f"{key}.{k}", v] for k, v in value.items()]
         else:
@@ -394,10 +371,10 @@ def _env(report: Mapping) -> list[str]:
     return lines + _table(["Key", "Value"], [[k, "—" if v is None else v] for k, v in rows])
 
 
-def render_markdown(report: Mapping, plots: Mapping[str, Path] | None = None,
+def render_markdown(report: Report | Mapping, plots: Mapping[str, Path] | None = None,
                     warnings: Sequence[str] = ()) -> str:
     """The report.md text; `plots` maps plot names ("latency", "widths", "finetune") to files beside it."""
-    plots = plots or {}
+    report, plots = as_report(report), plots or {}
     sections = [_header(report, list(warnings)), _summary(report), _targets(report, plots), _checks(report),
                 _pruning(report, plots), _finetune(report, plots), _export(report), _timings(report), _env(report)]
     return "\n\n".join("\n".join(s) for s in sections) + "\n"
@@ -427,16 +404,16 @@ def _save(fig, path: Path) -> Path:
 DENSE_COLOR, PRUNED_COLOR = "#8c8c8c", "#1f77b4"
 
 
-def plot_latency(targets: Sequence[Mapping], path: str | os.PathLike) -> Path | None:
+def plot_latency(targets: Sequence[TargetRow], path: str | os.PathLike) -> Path | None:
     """Grouped bars of dense vs pruned p50 per measured target, p90 as whiskers, speed-up annotated."""
-    rows = [t for t in targets if _num((t.get("dense") or {}).get("p50_ms")) is not None
-            and _num((t.get("pruned") or {}).get("p50_ms")) is not None]
+    rows = [t for t in targets if t.dense is not None and _num(t.dense.p50_ms) is not None
+            and t.pruned is not None and _num(t.pruned.p50_ms) is not None]
     if not rows:
         return None
     import numpy as np
 
-    p50 = {k: np.array([r[k]["p50_ms"] for r in rows], float) for k in ("dense", "pruned")}
-    p90 = {k: np.array([_num(r[k].get("p90_ms")) or r[k]["p50_ms"] for r in rows], float)
+    p50 = {k: np.array([getattr(r, k).p50_ms for r in rows], float) for k in ("dense", "pruned")}
+    p90 = {k: np.array([_num(getattr(r, k).p90_ms) or getattr(r, k).p50_ms for r in rows], float)
            for k in ("dense", "pruned")}
     x, width = np.arange(len(rows)), 0.38
     fig, ax = _figure(max(6.0, 1.3 * len(rows) + 2), 4.5)
@@ -454,13 +431,12 @@ def plot_latency(targets: Sequence[Mapping], path: str | os.PathLike) -> Path | 
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 20 rather than 2x10^1
     for i, row in enumerate(rows):
-        speedup = _num(row.get("speedup"))
+        speedup = _num(row.speedup)
         if speedup is not None:
             y = max(p90["dense"][i], p90["pruned"][i])
             ax.annotate(f"{speedup:.2f}×", (x[i], y), xytext=(0, 4), textcoords="offset points",
                         ha="center", va="bottom", fontsize=9, fontweight="bold")
-    labels = [f"{r.get('name', '?')}\n{_target_where(r)}" + ("" if r.get("status") == "passed"
-                                                             else f"\n({r.get('status')})") for r in rows]
+    labels = [f"{r.name}\n{_target_where(r)}" + ("" if r.status == "passed" else f"\n({r.status})") for r in rows]
     ax.set_xticks(x, labels, fontsize=8, rotation=20 if len(rows) > 5 else 0,
                   ha="right" if len(rows) > 5 else "center")
     ax.set_ylabel("latency per batch (ms)" + (", log scale" if log else ""))
@@ -471,16 +447,16 @@ def plot_latency(targets: Sequence[Mapping], path: str | os.PathLike) -> Path | 
     return _save(fig, Path(path))
 
 
-def plot_widths(groups: Sequence[Mapping], path: str | os.PathLike) -> Path | None:
+def plot_widths(groups: Sequence[GroupWidth], path: str | os.PathLike) -> Path | None:
     """Channel width per prunable group before (grey) and after (blue) pruning, in network order."""
-    rows = [g for g in groups if _num(g.get("width_before")) is not None and _num(g.get("width_after")) is not None]
+    rows = [g for g in groups if _num(g.width_before) is not None and _num(g.width_after) is not None]
     if not rows:
         return None
     import numpy as np
 
-    before = np.array([g["width_before"] for g in rows], float)
-    after = np.array([g["width_after"] for g in rows], float)
-    names = [str(g.get("name", i)) for i, g in enumerate(rows)]
+    before = np.array([g.width_before for g in rows], float)
+    after = np.array([g.width_after for g in rows], float)
+    names = [g.name for g in rows]
     if len(rows) <= MAX_BAR_LABELS:  # horizontal bars, every group named and annotated
         fig, ax = _figure(8, 0.28 * len(rows) + 1.5)
         y = np.arange(len(rows))
@@ -510,24 +486,24 @@ def plot_widths(groups: Sequence[Mapping], path: str | os.PathLike) -> Path | No
     return _save(fig, Path(path))
 
 
-def plot_reconstruction(stages: Sequence[Mapping], path: str | os.PathLike) -> Path | None:
-    """The last stage's per-layer relative calibration error before (grey) and after (blue) the refit."""
-    layers = next((s["reconstruction"]["layers"] for s in reversed(stages)
-                   if (s.get("reconstruction") or {}).get("layers")), None)
-    rows = [layer for layer in layers or [] if _num(layer.get("error_before")) is not None
-            and _num(layer.get("error_after")) is not None]
+def plot_reconstruction(steps: Sequence[PruneStep], path: str | os.PathLike) -> Path | None:
+    """The last step's per-layer relative calibration error before (grey) and after (blue) the refit."""
+    layers = next((s.reconstruction.layers for s in reversed(steps)
+                   if s.reconstruction is not None and s.reconstruction.layers), None)
+    rows = [layer for layer in layers or [] if _num(layer.error_before) is not None
+            and _num(layer.error_after) is not None]
     if not rows:
         return None
     import numpy as np
 
-    before = np.array([layer["error_before"] for layer in rows], float)
-    after = np.array([layer["error_after"] for layer in rows], float)
+    before = np.array([layer.error_before for layer in rows], float)
+    after = np.array([layer.error_after for layer in rows], float)
     x = np.arange(len(rows))
     fig, ax = _figure(max(6.0, 0.3 * len(rows) + 2), 4.0)
     ax.bar(x - 0.2, before, width=0.4, color="#d9d9d9", label="pruned")
     ax.bar(x + 0.2, after, width=0.4, color=PRUNED_COLOR, label="+ reconstruction")
     step = math.ceil(len(rows) / 40)
-    ax.set_xticks(x[::step], [str(layer.get("name")) for layer in rows][::step], rotation=90, fontsize=7)
+    ax.set_xticks(x[::step], [layer.name for layer in rows][::step], rotation=90, fontsize=7)
     ax.set_ylabel("relative output error (calibration)")
     ax.set_title("Per-layer error before and after least-squares reconstruction", fontsize=10)
     ax.legend(fontsize=8)
@@ -535,13 +511,14 @@ def plot_reconstruction(stages: Sequence[Mapping], path: str | os.PathLike) -> P
     return _save(fig, Path(path))
 
 
-def plot_finetune(stages: Sequence[Mapping], path: str | os.PathLike, dense_top1: float | None = None) -> Path | None:
-    """Validation top-1 per epoch, stages one after another on one axis; dense top-1 as a dashed line."""
+def plot_finetune(steps: Sequence[FinetuneStep], path: str | os.PathLike,
+                  dense_top1: float | None = None) -> Path | None:
+    """Validation top-1 per epoch, cascade steps one after another on one axis; dense top-1 dashed."""
     series, start = [], 0
-    for i, stage in enumerate(stages, 1):
-        points = [_num(h.get("val_top1")) for h in stage.get("history") or []]
+    for i, step in enumerate(steps, 1):
+        points = [_num(h.get("val_top1")) for h in step.history]
         if any(p is not None for p in points):
-            series.append((i, stage.get("keep"), list(range(start + 1, start + len(points) + 1)), points))
+            series.append((i, step.keep, list(range(start + 1, start + len(points) + 1)), points))
         start += len(points)
     if not series:
         return None
@@ -549,12 +526,12 @@ def plot_finetune(stages: Sequence[Mapping], path: str | os.PathLike, dense_top1
     for i, keep, epochs, points in series:
         keep_text = f"keep {_fixed(keep, 2)}" if keep is not None else ""
         ax.plot(epochs, [float("nan") if p is None else p for p in points], marker="o", markersize=4,
-                label=f"stage {i} {keep_text}".strip())
+                label=f"step {i} {keep_text}".strip())
         if i > 1:
             ax.axvline(epochs[0] - 0.5, color="#bbbbbb", linewidth=0.8)
     if _num(dense_top1) is not None:
         ax.axhline(dense_top1, color="black", linestyle="--", linewidth=1, label=f"dense {dense_top1:.2f} %")
-    ax.set_xlabel("epoch (stages in order)")
+    ax.set_xlabel("epoch (cascade steps in order)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("Fine-tuning: validation top-1 per epoch", fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -589,21 +566,20 @@ def plot_accuracy_vs_macs(rows: Sequence[Mapping], path: str | os.PathLike, titl
 # ----------------------------------------------------------------------------- report
 
 
-PLOTS: dict[str, Callable[[Mapping, Path], Path | None]] = {
-    "latency": lambda r, p: plot_latency(r.get("targets") or [], p),
-    "widths": lambda r, p: plot_widths((r.get("prune") or {}).get("groups") or [], p),
-    "reconstruction": lambda r, p: plot_reconstruction((r.get("prune") or {}).get("stages") or [], p),
-    "finetune": lambda r, p: plot_finetune((r.get("finetune") or {}).get("stages") or [], p,
-                                           _top1(r.get("accuracy"), "dense")),
+PLOTS: dict[str, Callable[[Report, Path], Path | None]] = {
+    "latency": lambda r, p: plot_latency(r.targets or [], p),
+    "widths": lambda r, p: plot_widths(r.prune.groups, p),
+    "reconstruction": lambda r, p: plot_reconstruction(r.prune.steps, p),
+    "finetune": lambda r, p: plot_finetune(r.finetune.steps, p, r.accuracy.top1("dense")),
 }
 
 
-def write_report(report: Mapping, out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_report(report: Report | Mapping, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.md and the plots for the sections present into out_dir (atomically).
 
     Returns {"report": report.md, "latency"/"widths"/"finetune": png} for the files written. A plot that
     cannot be drawn (no matplotlib, odd data) becomes a warning in report.md instead of an exception."""
-    out_dir = Path(out_dir)
+    report, out_dir = as_report(report), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
     warnings: list[str] = []
@@ -634,48 +610,47 @@ def _clip(line: str, width: int = 100) -> str:
     return line if len(line) <= width else line[:width - 3] + "..."
 
 
-def format_summary(report: Mapping, run_dir: str | os.PathLike | None = None) -> str:
+def format_summary(report: Report | Mapping, run_dir: str | os.PathLike | None = None) -> str:
     """Plain-text summary of a run for the terminal (ASCII only, at most 30 lines)."""
-    status = str(report.get("status") or "unknown")
-    lines = [f"pfp-deploy {report.get('name', 'run')}: {status.upper()} (exit code {report.get('exit_code', '?')})"]
-    if report.get("message"):
-        lines.append("  " + " ".join(str(report["message"]).split()))
-    model = report.get("model") or {}
-    for label, key in (("params", "params"), ("MACs  ", "macs")):
-        dense, pruned = model.get(f"{key}_dense"), model.get(f"{key}_pruned")
+    report = as_report(report)
+    lines = [f"pfp-deploy {report.name}: {report.status.upper()} (exit code "
+             f"{'?' if report.exit_code is None else report.exit_code})"]
+    if report.message:
+        lines.append("  " + " ".join(report.message.split()))
+    model = report.model
+    for label, dense, pruned in (("params", model.params_dense, model.params_pruned),
+                                 ("MACs  ", model.macs_dense, model.macs_pruned)):
         if dense is not None:
             ratio, reduction = _ratio(dense, pruned)
             tail = f"  ({ratio:.2f}x, -{reduction:.1f} %)" if ratio else ""
             lines.append(f"  {label}  {_count(dense)} -> {_count(pruned)}{tail}")
-    accuracy = report.get("accuracy") or {}
-    dense_top1, final = _top1(accuracy, "dense"), _final_step(accuracy)
+    accuracy = report.accuracy
+    dense_top1, final = accuracy.top1("dense"), accuracy.final_step()
     if dense_top1 is not None or final:
-        final_top1 = _top1(accuracy, final) if final else None
+        final_top1 = accuracy.top1(final) if final else None
         drop = f"  (drop {dense_top1 - final_top1:.2f} pts)" \
             if dense_top1 is not None and final_top1 is not None else ""
         where = dict(ACCURACY_STEPS).get(final, "").lstrip("+ ").lower() if final else ""
         lines.append(f"  top-1   {_fixed(dense_top1)} % -> {_fixed(final_top1)} %{drop}"
                      + (f" after {where}" if where else ""))
-    if (report.get("data") or {}).get("meaningful_accuracy") is False:
+    if report.data.meaningful_accuracy is False:
         lines.append("  WARNING: synthetic data, accuracy figures are not meaningful")
-    targets = report.get("targets")
+    targets = report.targets
     if targets:
-        counts = _tally(t.get("status") for t in targets)
-        lines.append(f"targets ({len(targets)}): {counts}")
+        lines.append(f"targets ({len(targets)}): {_tally(t.status for t in targets)}")
         for t in targets[:MAX_SUMMARY_TARGETS]:
-            speed = f"{t['speedup']:.2f}x" if _num(t.get("speedup")) else "-"
-            eff = f"eff {_efficiency(t):.2f}" if _efficiency(t) is not None else ""
-            detail = eff if t.get("status") == "passed" else str(t.get("reason", ""))
-            lines.append(_clip(f"  {str(t.get('status', '?')):<8} {str(t.get('name', '?')):<20} "
-                               f"{speed:>7}  {detail}"))
+            speed = f"{t.speedup:.2f}x" if _num(t.speedup) else "-"
+            efficiency = t.efficiency_or_derived()
+            detail = (f"eff {efficiency:.2f}" if efficiency is not None else "") if t.status == "passed" else t.reason
+            lines.append(_clip(f"  {t.status:<8} {t.name:<20} {speed:>7}  {detail}"))
         if len(targets) > MAX_SUMMARY_TARGETS:
             lines.append(f"  ... and {len(targets) - MAX_SUMMARY_TARGETS} more (see report.md)")
-    checks = report.get("checks")
+    checks = report.checks
     if checks:
-        failed = [c.get("name", "?") for c in checks if c.get("status") == "failed"]
-        lines.append(_clip(f"checks ({len(checks)}): {_tally(c.get('status') for c in checks)}"
+        failed = [c.name for c in checks if c.status == "failed"]
+        lines.append(_clip(f"checks ({len(checks)}): {_tally(c.status for c in checks)}"
                            + (f"; failed: {', '.join(failed)}" if failed else "")))
-    run_dir = run_dir or report.get("run_dir")
+    run_dir = run_dir or report.run_dir
     if run_dir:
         lines.append(f"run dir: {run_dir}")
         lines.append(f"report:  {Path(run_dir) / 'report.md'}")
@@ -687,3 +662,11 @@ def _tally(statuses) -> str:
     for s in statuses:
         counts[str(s)] = counts.get(str(s), 0) + 1
     return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def write_markdown(report: Mapping, run_dir: Path, plots: bool = True) -> None:
+    """report.md in `run_dir`, with its plots unless plots=False."""
+    if plots:
+        write_report(report, run_dir)
+    else:
+        write_text_atomic(run_dir / "report.md", render_markdown(report))

@@ -38,7 +38,7 @@ def test_report_names_the_allocation_and_the_papers_eps(toy):
     assert paper.report["allocation"] == "paper"
     assert chosen.report["epsilon"] == paper.report["epsilon"]  # the paper's eps for the same target
     assert paper.report["epsilon_widths"] == paper.report["epsilon"]
-    assert chosen.plan.stages[0]["allocation"] == chosen.report["allocation"]
+    assert chosen.plan.steps[0]["allocation"] == chosen.report["allocation"]
 
 
 def test_uniform_hits_the_target_with_near_equal_ratios(toy):

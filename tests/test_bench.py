@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pfp_deploy.bench import LatencyStats, Runner, compare_latency, hardware_fingerprint, make_runner, measure_latency
+from pfp_deploy.bench import LatencyStats, Runner, compare_latency, hardware_fingerprint, measure_latency
 from pfp_deploy.errors import ExportError, RuntimeUnavailableError, UsageError
+from pfp_deploy.runtimes import make_runner
 
 ort = pytest.importorskip("onnxruntime")
 ov = pytest.importorskip("openvino")

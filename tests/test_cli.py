@@ -94,8 +94,8 @@ def test_prune_one_shot(tmp_path):
     assert main(args) == 0
     run = tmp_path / "resnet20_keep0.5"
     report = json.loads((run / "report.json").read_text())
-    assert (run / "model.pt").is_file() and report["prune"]["stages"][0]["achieved"] == pytest.approx(0.5, abs=0.01)
-    assert report["targets"] is None and not report["finetune"]["stages"]
+    assert (run / "model.pt").is_file() and report["prune"]["steps"][0]["achieved"] == pytest.approx(0.5, abs=0.01)
+    assert report["targets"] is None and not report["finetune"]["steps"]
     assert main(["prune", "--model", "resnet20"]) == 2
 
 
@@ -104,7 +104,7 @@ def test_prune_with_a_recipe_applies_keep_and_name_and_refuses_one_shot_flags(tm
     args = ["-q", "prune", "--recipe", str(recipe), "--output-dir", str(tmp_path)]
     assert main(args + ["--keep", "0.7", "--name", "tiny_keep0.7"]) == 0
     report = json.loads((tmp_path / "tiny_keep0.7" / "report.json").read_text())
-    assert report["prune"]["stages"][0]["achieved"] == pytest.approx(0.7, abs=0.01)  # the recipe says 0.5
+    assert report["prune"]["steps"][0]["achieved"] == pytest.approx(0.7, abs=0.01)  # the recipe says 0.5
     assert not (tmp_path / "tiny").exists()
     for flags in (["--model", "vgg_small"], ["--data", "fashion_mnist"], ["--weights", "x.pt", "--keep", "0.3"]):
         assert main(args + flags) == 2

@@ -87,7 +87,7 @@ def test_each_criterion_prunes_to_the_target_and_leaves_the_model_alone(name, ne
     assert all(p.grad is None for p in result.model.parameters())
     again = prune(net, calib, X, keep=0.5, method=name, seed=3, tolerance=0.05, reconstruct="none")
     assert again.report["groups"] == result.report["groups"]  # same seed, same widths
-    assert again.plan.stages[0]["groups"] == result.plan.stages[0]["groups"]  # ... and the same channels
+    assert again.plan.steps[0]["groups"] == result.plan.steps[0]["groups"]  # ... and the same channels
 
 
 def test_criteria_choose_differently_but_allocate_alike(net, calib):
@@ -95,7 +95,7 @@ def test_criteria_choose_differently_but_allocate_alike(net, calib):
     for name in ("pfp", "l1", "random"):
         result = prune(net, calib, X, keep=0.5, method=name, seed=0, tolerance=0.05, reconstruct="none",
                        allocation="uniform")
-        kept[name] = result.plan.stages[0]["groups"]
+        kept[name] = result.plan.steps[0]["groups"]
     widths = {n: [g["width_after"] for g in gs] for n, gs in kept.items()}
     assert widths["pfp"] == widths["l1"] == widths["random"]  # uniform allocation: the same widths
     assert kept["l1"] != kept["random"]  # ... but other channels
@@ -104,8 +104,8 @@ def test_criteria_choose_differently_but_allocate_alike(net, calib):
 def test_random_is_seeded(net, calib):
     plans = [prune(net, calib, X, keep=0.5, method="random", seed=s, tolerance=0.05, reconstruct="none").plan
              for s in (0, 0, 1)]
-    assert plans[0].stages[0]["groups"] == plans[1].stages[0]["groups"]
-    assert plans[0].stages[0]["groups"] != plans[2].stages[0]["groups"]
+    assert plans[0].steps[0]["groups"] == plans[1].steps[0]["groups"]
+    assert plans[0].steps[0]["groups"] != plans[2].steps[0]["groups"]
 
 
 def test_unknown_method_gets_a_did_you_mean(net, calib):
@@ -124,7 +124,7 @@ def test_unknown_method_gets_a_did_you_mean(net, calib):
 def test_method_and_importance_are_exclusive_and_variants_are_pfp_s(net, calib):
     with pytest.raises(UsageError, match="not both"):
         prune(net, calib, X, keep=0.5, method="l1", importance=lambda group: torch.ones(len(group[0].idxs)))
-    with pytest.raises(UsageError, match="variant 'randomized'"):
+    with pytest.raises(UsageError, match="variant: randomized samples channels by PFP's sensitivities"):
         prune(net, calib, X, keep=0.5, method="l1", variant="randomized")
 
 

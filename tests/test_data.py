@@ -14,7 +14,8 @@ from pfp_deploy.data import (
     paper_calibration_size,
     read_idx,
 )
-from pfp_deploy.errors import DataError, PruningError
+from pfp_deploy.data_formats import data_format_names
+from pfp_deploy.errors import DataError, PruningError, UsageError
 from pfp_deploy.models import resnet20, vgg_small
 from pfp_deploy.recipe import DataConfig
 
@@ -240,3 +241,64 @@ def test_count_output_units_skips_depthwise_and_keeps_mode():
     model.train()
     assert count_output_units(model, torch.zeros(1, 4, 8, 8)) == [8 * 6 * 6, 3]
     assert model.training
+
+
+# ----------------------------------------------------------------------- the data format registry
+
+DOC_FORMAT = "tensor-file"
+
+
+@pytest.fixture
+def doc_format(tmp_path):
+    """docs/extending.md's example format, imported as a user's own file, with its data on disk."""
+    from helpers.doc_examples import registered_doc_example
+
+    from pfp_deploy.data_formats import REGISTRY
+
+    root = tmp_path / "tensors"
+    root.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for name, n in (("train", 48), ("val", 16)):
+        torch.save({"images": torch.randint(0, 256, (n, 20, 20), dtype=torch.uint8, generator=gen),
+                    "labels": torch.arange(n) % 4}, root / f"{name}.pt")
+    with registered_doc_example("A data format", "tensor_file_format", DOC_FORMAT, REGISTRY, tmp_path) as entry:
+        yield entry, root
+
+
+def _recipe(fmt: str, **data):
+    return {"name": "r", "model": {"source": "builtin", "name": "resnet20"}, "data": {"format": fmt, **data},
+            "export": {"formats": []}, "checks": {"targets": []}}
+
+
+def test_the_builtin_formats_are_registered():
+    assert {"fashion_mnist", "imagefolder", "synthetic"} <= set(data_format_names())
+
+
+@pytest.mark.parametrize("name", data_format_names())
+def test_every_format_validates_and_fills_the_input_shape_from_its_defaults(name, tmp_path):
+    from pfp_deploy.data_formats import get_data_format
+    from pfp_deploy.recipe import load_recipe
+
+    fmt = get_data_format(name)
+    recipe = load_recipe(_recipe(name, root=str(tmp_path)))
+    assert recipe.data.format == name
+    assert recipe.model.input_shape == [1, fmt.channels, fmt.image_size, fmt.image_size]
+    with pytest.raises(UsageError, match=f'Did you mean "{name}"'):
+        load_recipe(_recipe(name[:-1] + "x" + name[-1], root=str(tmp_path)))
+
+
+def test_the_documented_format_runs_a_recipe(doc_format, tmp_path):
+    from pfp_deploy.errors import RecipeError
+    from pfp_deploy.pipeline import optimize
+    from pfp_deploy.recipe import load_recipe
+
+    entry, root = doc_format
+    with pytest.raises(RecipeError, match="data.root: required"):  # the format's own recipe-time check
+        load_recipe(_recipe(DOC_FORMAT))
+    bundle = build_data(load_recipe(_recipe(DOC_FORMAT, root=str(root))).data, [1, 3, 32, 32])
+    x, y = bundle.train_loader.dataset[0]
+    assert x.shape == (3, 32, 32) and bundle.num_classes == 4 and "tensor files" in bundle.description
+    recipe = _recipe(DOC_FORMAT, root=str(root), batch_size=16, calibration_samples=16)
+    recipe.update(prune={"keep": 0.6, "round_to": 1}, finetune={"epochs": 0})
+    result = optimize(recipe, output_dir=tmp_path / "runs", progress=False).raise_for_status()
+    assert result.report["data"]["format"] == DOC_FORMAT and result.report["prune"]["steps"]

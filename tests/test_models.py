@@ -7,6 +7,7 @@ from torch import nn
 
 from pfp_deploy.errors import ModelLoadError
 from pfp_deploy.models import (
+    BUILTIN_MODELS,
     build_model,
     known_model_names,
     load_checkpoint_state,
@@ -137,7 +138,7 @@ def test_weights_tag_from_hub_cache(tmp_path, monkeypatch):
 
 
 def test_known_model_names():
-    assert known_model_names("builtin") == ["resnet20", "vgg_small"]
+    assert known_model_names("builtin") == list(BUILTIN_MODELS) and "resnet20" in BUILTIN_MODELS
     assert "resnet50" in known_model_names("torchvision") and "resnet20" in known_model_names()
 
 
@@ -164,3 +165,43 @@ def test_a_checkpoint_with_a_card_is_verified_and_names_the_command_that_recreat
     path.unlink()
     with pytest.raises(ModelLoadError, match="does not exist.*made by `python -m benchmarks.train_baseline"):
         build_model(model_cfg, 10, 1)
+
+
+# --------------------------------------------------------------------- the model source registry
+
+from pfp_deploy.model_sources import model_source_names  # noqa: E402
+from pfp_deploy.recipe import validate_section  # noqa: E402
+
+
+def test_the_builtin_sources_are_registered_and_only_data_sources_may_be_named_by_files():
+    from pfp_deploy.model_sources import model_sources
+
+    assert {"torchvision", "builtin", "checkpoint", "factory", "pruned"} <= set(model_source_names())
+    assert {s.name for s in model_sources() if s.in_files} == {"torchvision", "builtin"}
+
+
+@pytest.mark.parametrize("name", model_source_names())
+def test_every_source_names_its_required_keys_and_a_misspelt_source_points_at_it(name):
+    from pfp_deploy.errors import RecipeError
+    from pfp_deploy.model_sources import get_model_source
+
+    required = get_model_source(name).required
+    if required:
+        with pytest.raises(RecipeError) as info:
+            validate_section(ModelConfig, {"source": name}, "model")
+        for key in required:
+            assert f"model.{key}: required when model.source is {name}" in str(info.value)
+    with pytest.raises(RecipeError, match=f'Did you mean "{name}"'):
+        validate_section(ModelConfig, {"source": name[:-1] + "q", "name": "resnet20"}, "model")
+
+
+def test_each_builtin_source_builds_a_model(tmp_path):
+    state = tmp_path / "r20.pt"
+    torch.save(resnet20(num_classes=10, in_channels=1).state_dict(), state)
+    settings = {"builtin": {"name": "resnet20"}, "torchvision": {"name": "resnet18"},
+                "checkpoint": {"name": "resnet20", "path": str(state)},
+                "factory": {"factory": "pfp_deploy.architectures:resnet20"}}
+    for source, fields in settings.items():
+        model = build_model(validate_section(ModelConfig, {"source": source, **fields}, "model"),
+                            num_classes=10, in_channels=1)
+        assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 10), source

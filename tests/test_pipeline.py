@@ -14,9 +14,9 @@ import torch
 from helpers.tiny_recipes import REPO, one_thread, tiny_recipe, write_recipe  # noqa: F401 (fixture)
 
 from pfp_deploy.errors import DataError, ModelLoadError, TrainingError, UsageError
-from pfp_deploy.models import vgg_small
+from pfp_deploy.models import load_pruned, vgg_small
 from pfp_deploy.pipeline import optimize
-from pfp_deploy.pruning import Plan, count_cost, load_pruned
+from pfp_deploy.pruning import Plan, count_cost
 
 ft = importlib.import_module("pfp_deploy.finetune")  # the module (pfp_deploy.finetune is also a function)
 
@@ -40,7 +40,7 @@ def test_optimize_writes_every_artifact_and_passes(finished):
     assert set(report["times"]) >= {"data", "model", "dense_eval", "calibration", "prune", "finetune", "save",
                                     "benchmark"}
     assert set(report["accuracy"]) == {"dense", "pruned_only", "reconstructed", "bn_recalibrated", "finetuned"}
-    layers = report["prune"]["stages"][0]["reconstruction"]["layers"]  # the per-layer certificate
+    layers = report["prune"]["steps"][0]["reconstruction"]["layers"]  # the per-layer certificate
     assert layers and all(layer["error_after"] <= layer["error_before"] + 1e-9 for layer in layers)
     assert "### Reconstruction" in (run / "report.md").read_text()
     # Synthetic data is marked, and its accuracy is never gated.
@@ -55,8 +55,8 @@ def test_optimize_writes_every_artifact_and_passes(finished):
     assert count_cost(pruned, x)[0] == pytest.approx(0.5 * count_cost(dense, x)[0], rel=0.02)
     assert report["model"]["macs_pruned"] == count_cost(pruned, x)[0]
     plan = Plan.from_dict(json.loads((run / "plan.json").read_text()))
-    assert len(plan.stages) == 1 and plan.groups
-    layers = json.loads((run / "sensitivity.json").read_text())["stages"][0]["layers"]
+    assert len(plan.steps) == 1 and plan.groups
+    layers = json.loads((run / "sensitivity.json").read_text())["steps"][0]["layers"]
     assert all(isinstance(v, list) and all(0 <= s <= 1 + 1e-6 for s in v) for v in layers.values())
 
 
@@ -144,11 +144,11 @@ def test_ctrl_c_during_finetuning_then_resume_equals_an_uninterrupted_run(tmp_pa
     ours = torch.load(run / "model.pt", weights_only=True)["state_dict"]
     theirs = torch.load(reference.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    history = resumed.report["finetune"]["stages"][0]["history"]
+    history = resumed.report["finetune"]["steps"][0]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     same = ("epoch", "train_loss", "val_top1", "val_loss", "lr")
     assert [[h[k] for k in same] for h in history] == \
-        [[h[k] for k in same] for h in reference.report["finetune"]["stages"][0]["history"]]
+        [[h[k] for k in same] for h in reference.report["finetune"]["steps"][0]["history"]]
 
 
 def test_nan_loss_fails_the_stage_keeps_the_last_good_checkpoint_and_writes_the_report(tmp_path, monkeypatch):
@@ -187,12 +187,12 @@ def test_resnet50_edge_recipe_prunes_in_three_steps(tmp_path):
     overrides = RESNET50_TINY + ["export.formats=[]", "checks.targets=[{name: torch-cpu, runtime: torch}]"]
     result = optimize(REPO / "recipes" / "resnet50_edge.yaml", overrides, output_dir=tmp_path, progress=False)
     assert result.passed, result.report["message"]
-    stages = result.report["prune"]["stages"]
-    assert [s["keep"] for s in stages] == [0.8, 0.65, 0.5]
-    assert [round(s["achieved"], 2) for s in stages] == [0.8, 0.65, 0.5]
+    steps = result.report["prune"]["steps"]
+    assert [s["keep"] for s in steps] == [0.8, 0.65, 0.5]
+    assert [round(s["achieved"], 2) for s in steps] == [0.8, 0.65, 0.5]
     assert all(g["width_after"] % 8 == 0 or g["width_after"] == g["width_before"]
                for g in result.report["prune"]["groups"])
-    assert len(result.report["finetune"]["stages"]) == 3
+    assert len(result.report["finetune"]["steps"]) == 3
 
 
 @pytest.mark.slow
@@ -231,8 +231,8 @@ def test_torchrun_two_processes_score_and_prune_like_one(tmp_path):
 
     multi = tmp_path / "multi" / "tiny"
     for name in ("sensitivity.json", "plan.json"):
-        ours = json.loads((multi / name).read_text())["stages"][0]
-        theirs = json.loads((single.run_dir / name).read_text())["stages"][0]
+        ours = json.loads((multi / name).read_text())["steps"][0]
+        theirs = json.loads((single.run_dir / name).read_text())["steps"][0]
         assert ours == theirs, name
     report = json.loads((multi / "report.json").read_text())
-    assert report["status"] == "passed" and len(report["finetune"]["stages"]) == 2
+    assert report["status"] == "passed" and len(report["finetune"]["steps"]) == 2

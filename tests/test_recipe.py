@@ -78,7 +78,7 @@ def test_all_errors_reported_at_once():
 def test_wrong_types_and_values_name_the_path():
     assert "finetune.optimizer.lr: must be >= 0, got -1" in error_of(with_("finetune", optimizer={"lr": -1}))
     message = error_of(with_("data", format="fashion_mnst"))
-    assert "data.format: got 'fashion_mnst'" in message and 'Did you mean "fashion_mnist"?' in message
+    assert "data.format: unknown data format 'fashion_mnst'" in message and 'Did you mean "fashion_mnist"?' in message
     assert "finetune.amp: expected 'auto' or a valid boolean, got 'maybe'" in error_of(with_("finetune", amp="maybe"))
     assert "prune: expected a mapping" in error_of({**MINIMAL, "prune": 3})
     assert "model.input_shape: must be [N, C, H, W]" in error_of(with_("model", input_shape=[1, 3, 32]))

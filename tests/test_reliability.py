@@ -8,8 +8,9 @@ import pytest
 from helpers.tiny_recipes import one_thread, tiny_recipe, write_recipe  # noqa: F401 (fixture)
 
 from pfp_deploy.cli import main
+from pfp_deploy.models import load_pruned, save_pruned
 from pfp_deploy.pipeline import artifact_sha256
-from pfp_deploy.pruning import Plan, load_pruned, save_pruned
+from pfp_deploy.pruning import Plan
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")

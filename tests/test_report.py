@@ -69,7 +69,7 @@ def full_report(n_groups=26, **overrides):
         "model": {"name": "resnet50", "params_dense": 25_557_032, "params_pruned": 12_310_115,
                   "macs_dense": 4_111_514_624, "macs_pruned": 1_803_294_120},
         "prune": {"metric": "macs", "variant": "pfp-ln", "unprunable_groups": ["conv1", "fc"],
-                  "stages": [{"keep": 0.7, "epsilon": 0.31, "achieved": 0.698, "macs": 2_878_060_236,
+                  "steps": [{"keep": 0.7, "epsilon": 0.31, "achieved": 0.698, "macs": 2_878_060_236,
                               "params": 17_400_000, "seconds": {"sensitivity": 41.2, "allocation": 0.4,
                                                                 "removal": 2.1}},
                              {"keep": 0.44, "epsilon": 0.52, "achieved": 0.4386, "macs": 1_803_294_120,
@@ -84,7 +84,7 @@ def full_report(n_groups=26, **overrides):
         "accuracy": {"dense": {"top1": 76.13, "top5": 92.86}, "pruned_only": {"top1": 12.07, "top5": 28.4},
                      "reconstructed": {"top1": 58.80, "top5": 81.2},
                      "bn_recalibrated": {"top1": 61.52, "top5": 83.9}, "finetuned": {"top1": 75.40, "top5": 92.3}},
-        "finetune": {"stages": [{"keep": 0.7, "history": _history(66.0, 4)},
+        "finetune": {"steps": [{"keep": 0.7, "history": _history(66.0, 4)},
                                 {"keep": 0.44, "history": _history(62.0, 6)}]},
         "export": {"files": {"dense_onnx": "runs/x/dense.onnx", "pruned_onnx": "runs/x/pruned.onnx"},
                    "parity": {"dense": _parity("runs/x/dense.onnx"), "pruned": _parity("runs/x/pruned.onnx")}},
@@ -137,7 +137,7 @@ def test_full_report_has_figures_tables_and_plots(tmp_path):
     assert "onnxruntime / CUDAExecutionProvider" in target_rows[2] and "breaks limit" in target_rows[2]
     assert "NPU not present" in target_rows[3] and "—" in target_rows[3]
     assert "| targets | ❌ FAILED | gpu-ort: min_speedup 1.192 < 1.5 |" in md
-    # Pruning stages, parity, groups (> 20 rows: folded), timings, env, plots embedded by relative path.
+    # Pruning steps, parity, groups (> 20 rows: folded), timings, env, plots embedded by relative path.
     assert "| 2 | 0.440 | 0.520 | 0.439 |" in md and "38.9 s" in md
     assert "`conv1`" in md
     assert md.count("| pruned | ") == 2 and "2.1e-05" in md and "99.50 %" in md

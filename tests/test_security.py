@@ -13,8 +13,8 @@ from helpers.tiny_recipes import one_thread, tiny_recipe, write_recipe  # noqa: 
 from pfp_deploy import cli
 from pfp_deploy.errors import ModelLoadError, RecipeError
 from pfp_deploy.fileio import atomic_open, remove_stale_temps, write_text_atomic
-from pfp_deploy.models import build_model, resnet20
-from pfp_deploy.pruning import Plan, load_pruned, save_pruned
+from pfp_deploy.models import build_model, load_pruned, resnet20, save_pruned
+from pfp_deploy.pruning import Plan
 from pfp_deploy.recipe import ModelConfig, load_recipe
 
 EXAMPLE = (1, 3, 16, 16)

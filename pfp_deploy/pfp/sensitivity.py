@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CalibrationError, PruningError
+from ..modes import eval_mode
 
 EPS32 = float(torch.finfo(torch.float32).eps)  # |Z| <= EPS32 contributes 0 (PFP.md §1.3)
 # Upper bound by a q-norm (see LayerSensitivity._upper_bound). q = 16 keeps float32 safe and the
@@ -259,18 +260,6 @@ def _first_tensor(batch) -> torch.Tensor:
     )
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """eval() for BN running statistics; the caller's train/eval flags come back even on error."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def dense_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """Name -> module for every dense layer (or the named subset, checked)."""
     found = {name: m for name, m in model.named_modules() if is_dense_layer(m)}
@@ -332,7 +321,7 @@ def sensitivity(
             from tqdm.auto import tqdm
 
             iterator = tqdm(batches, desc="PFP sensitivity", unit="batch")
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in iterator:
                 x = _first_tensor(batch).to(device)
                 if x.shape[0] == 0:
