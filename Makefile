@@ -38,3 +38,13 @@ bench: $(STAMP) data
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Container image with podman on a host without a registry: a local Debian base image (debootstrap,
+# docker/build_base_image.sh, kept once made), then podman build with runc and this host's pip sources
+# (docker/build_image.sh). Elsewhere: docker build -t pfp-deploy . (docs/docker.md).
+DOCKER_IMAGE ?= localhost/pfp-deploy:latest
+DOCKER_BASE ?= localhost/pfp-base:bookworm-py311
+.PHONY: docker
+docker:
+	@case "$(DOCKER_BASE)" in localhost/pfp-base:*) docker/build_base_image.sh "$(DOCKER_BASE)" ;; esac
+	IMAGE="$(DOCKER_IMAGE)" BASE_IMAGE="$(DOCKER_BASE)" docker/build_image.sh

@@ -1,29 +1,32 @@
-"""Does PFP keep more accuracy than torch-pruning's criteria? Fashion-MNIST, ResNet-20 and a small VGG.
+"""Criterion x allocation x reconstruction on Fashion-MNIST: ResNet-20, a small VGG, a small MobileNetV2.
 
-For every keep ratio (fraction of the dense model's MACs) and method, the dense model is pruned and
-measured: top-1 right after pruning, after BatchNorm re-calibration, after a fixed short fine-tune
-(same epochs, optimizer and seed for every method), params, MACs, ONNX Runtime CPU p50 latency
-(batch 1) and the wall time of the scoring. Methods:
+Every cell prunes a dense model to a fraction of its MACs with pfp_deploy.pruning.prune() and measures
+the three stages separately:
 
-  pfp:deterministic | pfp:randomized | pfp:hybrid     PFP scores + PFP allocation (pfp_deploy.pruning)
-  <criterion>:uniform | <criterion>:global            torch-pruning's MetaPruner, same ratio per group /
-                                                      one global threshold, pruning_ratio bisected to the
-                                                      MAC target
-  <criterion>:pfp-alloc                               PFP decides how many channels each group keeps,
-                                                      the criterion decides which
-  criteria: l1, l2 (group magnitude), bn (BN scale), taylor, fpgm, random
+  top-1 pruned-only    channels removed, nothing repaired (reconstruct="none")
+  top-1 + recon        the same channels, then least-squares refit on the calibration set (no training)
+  top-1 + fine-tune    the +recon model (or the pruned-only one, for the cells marked so) after one
+                       fixed short fine-tune: the same epochs, images, optimizer and seed for every method
 
-Then the paper's protocol in small: a cascade 0.8 -> 0.65 -> 0.5 -> 0.35 of the dense MACs with
-fine-tuning between stages, for PFP and for the best torch-pruning method at the headline ratio.
+plus params, MACs and the wall time of each stage (scoring + allocation + removal, reconstruction,
+fine-tune). A cell is (model, criterion, allocation, keep, seed):
 
-    python -m benchmarks.compare --quick                  # < 60 s smoke run (tests/test_compare_quick.py)
-    python -m benchmarks.compare                          # full run (~1 h on 2 CPU cores)
-    python -m benchmarks.compare --models resnet20 --keeps 0.5 --methods pfp:deterministic,l1:global
+  criteria     pfp (PFP's sensitivities) and torch-pruning's l1, l2, fpgm, bn_scale, taylor, random
+  allocations  paper (PFP's global eps), uniform (one keep ratio per group), cost_aware (the default)
 
-Dense models are cached in --cache (default .cache/benchmarks/dense); finished cells are appended to
-<out>/cells.jsonl, so an interrupted run resumes where it stopped (same settings only);
-`--report-only` writes the tables and plots from the cells finished so far.
-Outputs: <out>/results.json, <out>/results.md, <out>/accuracy_vs_macs_<model>[_focus].png.
+Which cells are fine-tuned: every (criterion, allocation) with reconstruction at the headline keep,
+plus pfp/paper/none (the paper's configuration) and l1/uniform/none (torch-pruning's usual one),
+at every keep. Seeds vary the calibration sample and the fine-tune order (--seeds, at the headline keep).
+
+    python -m benchmarks.compare --quick            # < 60 s smoke run (tests/test_compare_quick.py)
+    python -m benchmarks.compare --dense-only       # train / load the dense models, then stop
+    python -m benchmarks.compare                    # the full run of docs/BENCHMARKS.md §5
+
+ResNet-20 is the shipped weights/resnet20_fashion_mnist.pt. The other dense models are trained on all
+60k training images with augmentation and cached in --cache (default .cache/benchmarks/dense) with a
+JSON card. Finished cells are appended to <out>/cells.jsonl, so an interrupted run resumes where it
+stopped (same settings only); `--report-only` writes the tables and plots from the cells so far.
+Outputs: <out>/results.json, <out>/results.md, <out>/accuracy_vs_macs_<model>.png.
 """
 from __future__ import annotations
 
@@ -31,11 +34,11 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -50,34 +53,45 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch.utils.data import DataLoader, TensorDataset
 
-from pfp_deploy.bench import hardware_fingerprint, make_runner, measure_latency
+from pfp_deploy.architectures import BUILTIN_MODELS
+from pfp_deploy.bench import hardware_fingerprint
 from pfp_deploy.criteria import get_criterion
 from pfp_deploy.criteria._scorer import GroupScorer
 from pfp_deploy.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_ROOT,
     FASHION_MNIST_STD,
+    build_data,
     count_output_units,
     load_fashion_mnist,
     paper_calibration_size,
     seeded_indices,
 )
-from pfp_deploy.export import export_onnx
-from pfp_deploy.finetune import FinetuneConfig, evaluate, finetune, recalibrate_batchnorm
-from pfp_deploy.models import resnet20, vgg_small
+from pfp_deploy.finetune import FinetuneConfig, evaluate, finetune
+from pfp_deploy.pruning import count_cost
+from pfp_deploy.pruning import prune as pfp_prune
+from pfp_deploy.recipe import DataConfig, TrainConfig
+from pfp_deploy.reconstruction import reconstruct
 from pfp_deploy.report import write_json_atomic
+from pfp_deploy.schema import ReconstructConfig
 
-# Benchmark name -> pfp_deploy.criteria name ("bn" predates the registry's "bn_scale"; kept so that
-# cells.jsonl rows and the published tables keep their method names).
-CRITERIA: dict[str, str] = {"l1": "l1", "l2": "l2", "bn": "bn_scale", "taylor": "taylor", "fpgm": "fpgm",
-                            "random": "random"}
-PFP_VARIANTS = ("deterministic", "randomized", "hybrid")
-ALLOCATIONS = ("uniform", "global", "pfp-alloc")
-ALL_METHODS = [f"pfp:{v}" for v in PFP_VARIANTS] + [f"{c}:{a}" for c in CRITERIA for a in ALLOCATIONS]
-QUICK_METHODS = ["pfp:deterministic", "pfp:randomized", "l1:uniform", "taylor:global", "bn:pfp-alloc"]
-MODELS = {"resnet20": lambda: resnet20(num_classes=10, in_channels=1),
-          "vgg_small": lambda: vgg_small(num_classes=10, in_channels=1, image_size=(28, 28))}
-CELLS_FORMAT = 1  # bump when a row's meaning changes, so stale cells.jsonl rows are not reused
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_RESNET20 = REPO / "weights" / "resnet20_fashion_mnist.pt"
+CRITERIA = ("pfp", "l1", "l2", "fpgm", "bn_scale", "taylor", "random")
+ALLOCATIONS = ("paper", "uniform", "cost_aware")
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet20": lambda: BUILTIN_MODELS["resnet20"](num_classes=10, in_channels=1),
+    "vgg_small": lambda: BUILTIN_MODELS["vgg_small"](num_classes=10, in_channels=1, image_size=(28, 28)),
+    "mobilenetv2_small": lambda: BUILTIN_MODELS["mobilenetv2_small"](num_classes=10, in_channels=1),
+}
+# Outside the full grid (other seeds, other keeps) only these (criterion, allocation) cells run, plus the
+# fine-tuned ones: every criterion under the default allocation, the allocation study on pfp and l2, and
+# torch-pruning's usual l1/uniform.
+CORE_CELLS = ([(c, "cost_aware") for c in CRITERIA] + [("pfp", "paper"), ("pfp", "uniform"), ("l2", "paper"),
+                                                        ("l2", "uniform"), ("l1", "uniform")])
+# the paper's configuration, torch-pruning's usual one, prune()'s default
+REFERENCE_FT = [("pfp", "paper", "none"), ("l1", "uniform", "none"), ("pfp", "cost_aware", "least_squares")]
+CELLS_FORMAT = 2  # bump when a row's meaning changes, so stale cells.jsonl rows are not reused
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -88,45 +102,43 @@ class Settings:
     cache: str = ".cache/benchmarks/dense"
     data_root: str = FASHION_MNIST_ROOT
     models: list[str] = field(default_factory=lambda: list(MODELS))
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    criteria: list[str] = field(default_factory=lambda: list(CRITERIA))
+    allocations: list[str] = field(default_factory=lambda: list(ALLOCATIONS))
     keeps: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.3])
     headline_keep: float = 0.5
     seeds: int = 3  # at the headline keep ratio; the other ratios use seed 0
-    train_subset: int = 20000  # dense training images
-    test_subset: int = 3000  # every accuracy is on this fixed test subset
-    dense_epochs: int = 6
+    full_grid: list[float] = field(default_factory=lambda: [0.5, 0.3])  # keeps whose seed 0 runs every cell
+    finetune_cells: str = "answer"  # "answer": the cells listed in the docstring; "all"; "none"
+    test_subset: int = 3000  # every accuracy is on this fixed test subset (10000: the whole test set)
+    dense_epochs: int = 8  # vgg_small / mobilenetv2_small training (resnet20: the shipped weights)
     dense_lr: float = 0.1
+    dense_train_subset: int = 0  # 0: all 60000 training images
     ft_subset: int = 5000  # fine-tune images per cell (a seeded draw, the same for every method)
     ft_epochs: int = 1
     ft_lr: float = 0.01
     batch_size: int = 64
-    calib: str = "auto"  # PFP calibration images ("auto": the paper's size); also Taylor's gradient batches
-    bn_samples: int = 1024
-    mac_tol: float = 0.01  # relative tolerance of the pruning_ratio bisection on MACs
-    cascade: bool = True
-    cascade_keeps: list[float] = field(default_factory=lambda: [0.8, 0.65, 0.5, 0.35])
-    cascade_ft_epochs: int = 1
-    cascade_tolerance: float = 0.5  # top-1 points below dense that still count as "no loss"
-    latency_threads: int = 1
-    latency_min_s: float = 0.5
-    onnx_opset: int = 17  # < 18: TorchScript exporter, ~0.2 s instead of ~4 s per file; same ORT graph ops
-    threads: int = 2
+    calib: str = "auto"  # calibration images ("auto": the paper's size); also LS reconstruction and Taylor's data
+    tolerance: float = 0.01  # prune(): |achieved - keep| on MACs
+    threads: int = 1
+    deadline: str = ""  # "HH:MM" (UTC): start no new cell after it; the rest is listed as not run
+    dense_only: bool = False  # train / load the dense models, write their cards, stop
     report_only: bool = False  # write the outputs from <out>/cells.jsonl, run nothing new
     quick: bool = False
 
     def cell_key(self) -> str:
         """Hash of everything that changes a cell's numbers (not the list of cells to run)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("out", "cache", "models", "methods", "keeps", "headline_keep", "seeds",
-                               "cascade", "cascade_keeps", "cascade_ft_epochs", "cascade_tolerance", "quick",
-                               "report_only")}
+                  if k not in ("out", "cache", "models", "criteria", "allocations", "keeps", "headline_keep",
+                               "seeds", "finetune_cells", "full_grid", "quick", "report_only", "dense_only", "threads",
+                               "deadline")}
         fields["format"] = CELLS_FORMAT
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-QUICK = dict(out=".cache/benchmarks/compare-quick", models=["resnet20", "vgg_small"], methods=QUICK_METHODS,
-             keeps=[0.5], seeds=1, train_subset=512, test_subset=256, dense_epochs=1, ft_subset=256, ft_epochs=1,
-             calib="32", bn_samples=256, cascade_keeps=[0.8, 0.5], latency_min_s=0.05)
+QUICK = dict(out=".cache/benchmarks/compare-quick", cache=".cache/benchmarks/dense-quick",
+             models=["resnet20", "mobilenetv2_small"], criteria=["pfp", "l1", "taylor"],
+             allocations=["paper", "cost_aware"], keeps=[0.5], full_grid=[0.5], seeds=1, test_subset=256, dense_epochs=0,
+             dense_train_subset=512, ft_subset=128, calib="32")
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -139,11 +151,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if f.name == "quick":
             continue
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if f.name == "report_only":
-            p.add_argument(flag, action="store_true", default=None, help="tables and plots from "
-                           "<out>/cells.jsonl (a run in progress or interrupted); runs no new cell, no cascade")
-        elif f.name == "cascade":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=None)
         elif isinstance(default, list):
             kind = floats if default and isinstance(default[0], float) else names
             p.add_argument(flag, type=kind, default=None, help=f"comma list (default {','.join(map(str, default))})")
@@ -153,12 +162,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     values = dict(QUICK) if args.quick else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "quick"})
     settings = Settings(**values, quick=args.quick)
-    for method in settings.methods:
-        if method not in ALL_METHODS:
-            p.error(f"unknown method {method!r}; valid: {', '.join(ALL_METHODS)}")
-    for model in settings.models:
-        if model not in MODELS:
-            p.error(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+    for name, valid in (("models", MODELS), ("criteria", CRITERIA), ("allocations", ALLOCATIONS)):
+        for value in getattr(settings, name):
+            if value not in valid:
+                p.error(f"unknown {name[:-1] if name != 'criteria' else 'criterion'} {value!r}; "
+                        f"valid: {', '.join(valid)}")
+    if settings.finetune_cells not in ("answer", "all", "none"):
+        p.error("--finetune-cells: answer, all or none")
     return settings
 
 
@@ -190,70 +200,98 @@ def load_data(s: Settings) -> Data:
 
     train_x, train_y = prepare("train")
     test_x, test_y = prepare("test")
-    keep = torch.tensor(seeded_indices(len(test_y), min(s.test_subset, len(test_y)), 12345))
-    test = TensorDataset(test_x[keep], test_y[keep])
-    return Data(train_x, train_y, DataLoader(test, batch_size=512), test_x[:1].clone())
+    if s.test_subset < len(test_y):
+        keep = torch.tensor(seeded_indices(len(test_y), s.test_subset, 12345))
+        test_x, test_y = test_x[keep], test_y[keep]
+    return Data(train_x, train_y, DataLoader(TensorDataset(test_x, test_y), batch_size=500), test_x[:1].clone())
 
 
 def top1(model: nn.Module, data: Data) -> float:
-    return 100.0 * evaluate(model, data.test_loader, topk=(1,))["top1"]
+    return 100.0 * evaluate(model.eval(), data.test_loader, topk=(1,))["top1"]
+
+
+def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    return count_cost(model, example)
 
 
 # ---------------------------------------------------------------------------------------- dense models
 
-def dense_model(name: str, s: Settings, data: Data, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
-    """Train the dense model once and cache it; the cache key holds every setting that changes it."""
-    recipe = dict(model=name, train_subset=s.train_subset, epochs=s.dense_epochs, lr=s.dense_lr,
-                  batch_size=128, seed=0, data_root=s.data_root, weight_decay=5e-4)
-    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(s.cache) / f"{name}-{key}.pt"
+def dense_recipe(name: str, s: Settings) -> dict:
+    return dict(model=name, epochs=s.dense_epochs, lr=s.dense_lr, batch_size=128, seed=0, weight_decay=5e-4,
+                train_subset=s.dense_train_subset or None, augment=True, data_root=s.data_root)
+
+
+def dense_model(name: str, s: Settings, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
+    """ResNet-20: the shipped weights (outside --quick). Others: trained once with the same recipe as
+    benchmarks/train_baseline.py (pad-2 crop + flip, SGD nesterov, cosine, 1 warm-up epoch), cached
+    with a card next to the checkpoint."""
     torch.manual_seed(0)
     model = MODELS[name]()
+    if name == "resnet20" and not s.quick:
+        model.load_state_dict(torch.load(SHIPPED_RESNET20, weights_only=True))
+        card = json.loads(SHIPPED_RESNET20.with_suffix(".json").read_text())
+        log(f"dense {name}: shipped {SHIPPED_RESNET20.relative_to(REPO)}")
+        return model.eval(), {"checkpoint": str(SHIPPED_RESNET20.relative_to(REPO)), "card": card}
+    recipe = dense_recipe(name, s)
+    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(s.cache) / f"{name}-{key}.pt"
+    card_path = path.with_suffix(".json")
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
         log(f"dense {name}: loaded {path}")
-        return model.eval(), {"checkpoint": str(path), "train_seconds": None, "recipe": recipe}
+        return model.eval(), {"checkpoint": str(path), "card": card}
     started = time.perf_counter()
-    cfg = FinetuneConfig(epochs=s.dense_epochs, optimizer={"lr": s.dense_lr, "momentum": 0.9, "weight_decay": 5e-4},
-                         scheduler="cosine", warmup_epochs=min(1.0, s.dense_epochs / 4), seed=0, amp=False)
-    finetune(model, data.loader(s.train_subset, 0, 128, shuffle=True), None, cfg, progress=False)
+    history, metrics, train_images, test_images = [], None, 0, 0
+    if s.dense_epochs > 0:  # 0 (--quick): the untrained model, cached as it is
+        data_cfg = DataConfig(format="fashion_mnist", root=s.data_root, batch_size=128, augment=True, seed=0,
+                              train_subset=recipe["train_subset"])
+        bundle = build_data(data_cfg, [1, 1, 28, 28])
+        cfg = TrainConfig(epochs=s.dense_epochs, optimizer={"name": "sgd", "lr": s.dense_lr, "momentum": 0.9,
+                                                            "weight_decay": 5e-4, "nesterov": True},
+                          scheduler="cosine", warmup_epochs=1, label_smoothing=0.0, eval_every=s.dense_epochs,
+                          seed=0, amp=False)
+        result = finetune(model, bundle.train_loader, None, cfg, checkpoint_dir=path.parent / f".{path.stem}.ckpt",
+                          progress=False, on_epoch_end=lambda e, rec: log(f"dense {name}: epoch {e} {rec}"))
+        history = result.history
+        metrics = evaluate(model.eval(), bundle.val_loader, "cpu")
+        train_images, test_images = len(bundle.train_loader.dataset), len(bundle.val_loader.dataset)
+    seconds = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
-    seconds = time.perf_counter() - started
-    log(f"dense {name}: trained {s.dense_epochs} epochs on {s.train_subset} images in {seconds:.0f} s -> {path}")
-    return model.eval(), {"checkpoint": str(path), "train_seconds": seconds, "recipe": recipe}
+    card = {"file": path.name, "architecture": f"pfp_deploy.architectures.{name}", "num_classes": 10,
+            "in_channels": 1, "input_shape": [1, 1, 28, 28], "recipe": recipe,
+            "data": f"Fashion-MNIST, {train_images} training images, augmented (pad-2 crop + flip)",
+            "test_top1": round(100 * metrics["top1"], 2) if metrics else None, "test_images": test_images,
+            "train_seconds": round(seconds), "history": history,
+            "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
+    card_path.write_text(json.dumps(card, indent=2, default=str) + "\n")
+    log(f"dense {name}: trained {s.dense_epochs} epochs in {seconds:.0f} s, 10k-test top-1 {card['test_top1']} "
+        f"-> {path}")
+    return model.eval(), {"checkpoint": str(path), "card": card}
 
 
-def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return int(macs), int(params)
-
+# ---------------------------------------------------------------------------- torch-pruning helpers
+# Not used by the matrix below (every cell goes through pfp_deploy.pruning.prune, so groups, allocation,
+# removal and reconstruction are the same code for every criterion); kept for the scorer tests and for
+# checking a criterion against torch-pruning's own MetaPruner by hand.
 
 def output_layer(model: nn.Module) -> nn.Module:
     """The classifier (last Linear): its outputs are the classes, never pruned."""
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-# -------------------------------------------------------------------------------------------- scoring
-
 def make_scorer(criterion: str, model: nn.Module, calibration: list, seed: int, need_vector: bool) -> GroupScorer:
-    """The registry's scorer for a benchmark criterion (pfp_deploy.criteria; GroupScorer explains the
-    caching, seeding and gradient lending). need_vector=False: None where the criterion has nothing
-    to say (BN scale without BatchNorm), which MetaPruner leaves alone; PFP's allocation needs a ranking."""
-    scorer = get_criterion(CRITERIA[criterion]).importance(model, calibration, seed)
+    """The registry's scorer (pfp_deploy.criteria) for a criterion name ("bn" is accepted for "bn_scale")."""
+    scorer = get_criterion("bn_scale" if criterion == "bn" else criterion).importance(model, calibration, seed)
     scorer.need_vector = need_vector
     return scorer
 
 
-# -------------------------------------------------------------------------------------------- pruning
-
 def tp_prune(model: nn.Module, example: torch.Tensor, scorer: GroupScorer, keep: float, global_pruning: bool,
              tol: float, max_iter: int = 16) -> tuple[nn.Module, dict]:
-    """torch-pruning's MetaPruner with pruning_ratio bisected until MACs are within tol of keep * MACs(model).
-
-    MACs fall with pruning_ratio in steps (whole channels), so the closest ratio found is used when
-    no ratio lands inside the tolerance.
-    """
+    """torch-pruning's MetaPruner with pruning_ratio bisected until MACs are within tol of keep * MACs(model)."""
     macs_before = count(model, example)[0]
     classifier_name = {m: n for n, m in model.named_modules()}[output_layer(model)]
     lo, hi, best = 0.0, 0.95, None
@@ -274,99 +312,7 @@ def tp_prune(model: nn.Module, example: torch.Tensor, scorer: GroupScorer, keep:
     return candidate, {"pruning_ratio": ratio, "achieved_vs_input": achieved}
 
 
-def pfp_prune_fn() -> Callable | None:
-    """pfp_deploy.pruning.prune, or None while that module does not exist yet."""
-    try:
-        return importlib.import_module("pfp_deploy.pruning").prune
-    except (ImportError, AttributeError):
-        return None
-
-
-def prune(method: str, model: nn.Module, data: Data, calibration: list, keep: float, seed: int, s: Settings,
-          shared: dict | None = None) -> tuple[nn.Module, dict]:
-    """Prune `model` to keep * its MACs with `method`; returns (new model, info with score_s / prune_s).
-
-    `shared` (one dict per model and calibration set) lets PFP's variants and the pfp-alloc cells
-    reuse one sensitivity pass; its time is still counted in their score_s and prune_s, as if
-    each had computed it.
-    """
-    criterion, kind = method.split(":")
-    started = time.perf_counter()
-    info: dict[str, Any] = {}
-    if criterion == "pfp" or kind == "pfp-alloc":
-        pfp_prune = pfp_prune_fn()
-        if pfp_prune is None:
-            raise RuntimeError("pfp_deploy.pruning.prune is not available yet")
-        shared = {} if shared is None else shared
-        scorer = make_scorer(criterion, model, calibration, seed, need_vector=True) if criterion != "pfp" else None
-        # The published §5 tables: the paper's allocation, no reconstruction (to be rerun with the new defaults).
-        result = pfp_prune(model, calibration, data.example, keep=keep, metric="macs",
-                           variant=kind if criterion == "pfp" else "deterministic", seed=seed, importance=scorer,
-                           sensitivities=shared.get("sensitivities"), allocation="paper", reconstruct="none")
-        pruned, report = result.model, dict(result.report)
-        if "sensitivities" not in shared:
-            shared["sensitivities"] = result.sensitivities
-            shared["seconds"] = float((report.get("seconds") or {}).get("sensitivity") or 0.0)
-            reused = 0.0
-        else:
-            reused = shared["seconds"]
-        info["pfp_report"] = {k: v for k, v in report.items() if k not in ("groups",)}
-        info["widths"] = [g["width_after"] for g in report.get("groups", [])]
-        info["epsilon"] = report.get("epsilon")
-        # PFP's sensitivity pass decides how many channels (allocation); the criterion, which ones.
-        info["score_s"] = shared["seconds"] + (scorer.seconds if scorer else 0.0)
-    else:
-        scorer = make_scorer(criterion, model, calibration, seed, need_vector=False)
-        pruned, info = tp_prune(model, data.example, scorer, keep, kind == "global", s.mac_tol)
-        info["score_s"] = scorer.seconds
-        reused = 0.0
-    info["prune_s"] = time.perf_counter() - started + reused
-    return pruned.eval(), info
-
-
-# ---------------------------------------------------------------------------------------- measurement
-
-class LatencyMeter:
-    """ORT CPU p50 (batch 1) per architecture; models with the same layer shapes share one ONNX file.
-
-    Each cell is timed when it finishes, but a long run on a shared host drifts, so `sweep` times
-    every file again at the end, round-robin, and keeps the median over rounds: numbers that can be
-    compared row to row.
-    """
-
-    def __init__(self, s: Settings, example: torch.Tensor):
-        self.s, self.example, self.dir = s, example, Path(s.out) / "onnx"
-        self.cache: dict[str, float] = {}
-
-    def __call__(self, model: nn.Module, tag: str) -> tuple[float, str]:
-        """(p50 ms, ONNX file name) for `model`."""
-        shapes = [(n, tuple(p.shape)) for n, p in model.state_dict().items()]
-        name = f"{tag}-{hashlib.sha1(repr((tag, shapes)).encode()).hexdigest()[:12]}.onnx"
-        if name not in self.cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # exporter chatter; the file is checked by export_onnx
-                export_onnx(model, self.example, self.dir / name, opset=self.s.onnx_opset)
-            self.cache[name] = self.time(name, self.s.latency_min_s)
-        return self.cache[name], name
-
-    def time(self, name: str, min_time_s: float) -> float:
-        runner = make_runner("onnxruntime", onnx_path=self.dir / name, threads=self.s.latency_threads)
-        return measure_latency(runner, self.example, warmup=10, min_runs=30, min_time_s=min_time_s).p50_ms
-
-    def sweep(self, names: set[str], rounds: int = 3) -> dict[str, float]:
-        """Median over `rounds` round-robin passes of every file's p50."""
-        names = sorted(n for n in names if (self.dir / n).is_file())
-        samples: dict[str, list[float]] = {n: [] for n in names}
-        for _ in range(rounds):
-            for n in names:
-                samples[n].append(self.time(n, self.s.latency_min_s / 2))
-        return {n: statistics.median(v) for n, v in samples.items()}
-
-
-def finetune_cfg(s: Settings, seed: int, epochs: int) -> FinetuneConfig:
-    return FinetuneConfig(epochs=epochs, optimizer={"lr": s.ft_lr, "momentum": 0.9, "weight_decay": 5e-4},
-                          scheduler="cosine", seed=seed, amp=False)
-
+# ------------------------------------------------------------------------------------------- one cell
 
 def calibration_batches(s: Settings, data: Data, dense: nn.Module, seed: int) -> list:
     n = (paper_calibration_size(count_output_units(dense, data.example)) if s.calib == "auto" else int(s.calib))
@@ -374,62 +320,95 @@ def calibration_batches(s: Settings, data: Data, dense: nn.Module, seed: int) ->
     return list(zip(x.split(s.batch_size), y.split(s.batch_size)))
 
 
-def run_cell(model_name: str, method: str, keep: float, seed: int, dense: nn.Module, dense_cost: tuple[int, int],
-             data: Data, s: Settings, latency: LatencyMeter, shared: dict | None = None) -> dict:
-    """Prune -> top-1 -> BN re-calibration -> top-1 -> fine-tune -> top-1, plus cost and latency."""
-    torch.manual_seed(seed)
-    calibration = calibration_batches(s, data, dense, seed)
-    pruned, info = prune(method, dense, data, calibration, keep, seed, s, shared)
-    macs, params = count(pruned, data.example)
-    row = {"model": model_name, "method": method, "criterion": method.split(":")[0],
-           "allocation": "pfp" if method.startswith("pfp:") else method.split(":")[1],
-           "keep_target": keep, "seed": seed, "macs": macs, "params": params,
-           "macs_ratio": macs / dense_cost[0], "params_ratio": params / dense_cost[1],
-           "calibration_images": sum(len(y) for _, y in calibration), **info}
-    row["top1_pruned"] = top1(pruned, data)
-    recalibrate_batchnorm(pruned, data.loader(s.bn_samples, 2000 + seed, s.batch_size, shuffle=False),
-                          s.bn_samples)
-    row["top1_bn"] = top1(pruned, data)
+def repair(dense: nn.Module, pruned: nn.Module, plan: Any, calibration: list,
+           example: torch.Tensor) -> tuple[nn.Module, dict]:
+    """Least-squares reconstruction of a copy of `pruned`, exactly what prune(reconstruct="least_squares")
+    runs after removal (same function, the recipe defaults of ReconstructConfig), so that one removal
+    gives both the pruned-only and the reconstructed model (checked in tests/test_compare_quick.py)."""
+    cfg = ReconstructConfig()
+    model = copy.deepcopy(pruned)
     started = time.perf_counter()
-    finetune(pruned, data.loader(s.ft_subset, seed, s.batch_size, shuffle=True), None,
-             finetune_cfg(s, seed, s.ft_epochs), progress=False)
-    row["finetune_s"] = time.perf_counter() - started
-    row["top1_ft"] = top1(pruned.eval(), data)
-    row["latency_p50_ms"], row["onnx_file"] = latency(pruned, model_name)
-    return row
+    result = reconstruct(dense, model, calibration, plan=plan, example_inputs=example, ridge=cfg.ridge,
+                         layers=cfg.layers, max_memory_mb=cfg.max_memory_mb, underdetermined=cfg.underdetermined)
+    return model.eval(), {"reconstruction_s": time.perf_counter() - started, "refit_layers": len(result.layers),
+                          "refit_skipped": [d.get("name") for d in result.skipped]}
 
 
-# -------------------------------------------------------------------------------------------- cascade
+def run_cell(model_name: str, criterion: str, allocation: str, keep: float, seed: int, dense: nn.Module,
+             dense_cost: tuple[int, int], calibration: list, data: Data, s: Settings, shared: dict
+             ) -> tuple[dict, tuple[nn.Module, nn.Module]]:
+    """prune(reconstruct="none") -> top-1 -> least squares -> top-1. `shared` holds the (model, seed)
+    sensitivity pass, computed by the first cell and lent to the others (its time is reported once per
+    (model, seed) as sensitivity_s, not in every cell)."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = pfp_prune(dense, calibration, data.example, keep=keep, metric="macs", method=criterion,
+                           allocation=allocation, reconstruct="none", seed=seed, tolerance=s.tolerance,
+                           sensitivities=shared.get("sensitivities"))
+    seconds = dict(result.report.get("seconds") or {})
+    if "sensitivities" not in shared:
+        shared["sensitivities"] = result.sensitivities
+        shared["sensitivity_s"] = float(seconds.get("sensitivity") or 0.0)
+    pruned = result.model.eval()
+    macs, params = count(pruned, data.example)
+    row = {"kind": "cell", "model": model_name, "criterion": criterion, "allocation": allocation, "keep_target": keep,
+           "seed": seed, "macs": macs, "params": params, "macs_ratio": macs / dense_cost[0],
+           "params_ratio": params / dense_cost[1], "calibration_images": sum(len(y) for _, y in calibration),
+           "widths": [g["width_after"] for g in result.report.get("groups", [])],
+           "skipped_groups": result.report.get("skipped_groups", []),
+           "epsilon": result.report.get("epsilon"), "epsilon_widths": result.report.get("epsilon_widths"),
+           "criterion_s": float(seconds.get("criterion") or 0.0), "allocation_s": float(seconds.get("allocation") or 0.0),
+           "removal_s": float(seconds.get("removal") or 0.0), "sensitivity_s": shared["sensitivity_s"]}
+    row["prune_s"] = row["criterion_s"] + row["allocation_s"] + row["removal_s"]
+    row["top1_pruned"] = top1(pruned, data)
+    repaired, info = repair(dense, pruned, result.plan, calibration, data.example)
+    row.update(info)
+    row["top1_recon"] = top1(repaired, data)
+    return row, (pruned, repaired)
 
-def run_cascade(model_name: str, method: str, dense: nn.Module, dense_cost: tuple[int, int], dense_top1: float,
-                data: Data, s: Settings, log: Callable[[str], None]) -> dict:
-    """The paper's protocol: prune, fine-tune, re-score the pruned net, prune further (seed 0).
 
-    Keep ratios are relative to the dense model: stage i prunes the current model by target_i / current.
-    """
-    current, stages, seed = copy.deepcopy(dense), [], 0
-    for target in s.cascade_keeps:
-        ratio_now = count(current, data.example)[0] / dense_cost[0]
-        calibration = calibration_batches(s, data, current, seed)
-        current, info = prune(method, current, data, calibration, min(1.0, target / ratio_now), seed, s)
-        recalibrate_batchnorm(current, data.loader(s.bn_samples, 2000, s.batch_size, shuffle=False), s.bn_samples)
-        finetune(current, data.loader(s.ft_subset, seed + len(stages), s.batch_size, shuffle=True), None,
-                 finetune_cfg(s, seed, s.cascade_ft_epochs), progress=False)
-        macs, params = count(current, data.example)
-        stage = {"target": target, "macs": macs, "params": params, "macs_ratio": macs / dense_cost[0],
-                 "top1_ft": top1(current.eval(), data), "score_s": info.get("score_s"), "prune_s": info["prune_s"]}
-        stages.append(stage)
-        log(f"  cascade {model_name} {method}: target {target:.2f} -> MACs {stage['macs_ratio']:.3f}, "
-            f"top-1 {stage['top1_ft']:.2f}")
-    ok = [st for st in stages if st["top1_ft"] >= dense_top1 - s.cascade_tolerance]
-    best = min(ok, key=lambda st: st["macs"]) if ok else None
-    return {"model": model_name, "method": method, "stages": stages, "dense_top1": dense_top1,
-            "tolerance": s.cascade_tolerance,
-            "smallest_macs_within_tolerance": best["macs"] if best else None,
-            "smallest_macs_ratio_within_tolerance": best["macs_ratio"] if best else None}
+def finetune_cfg(s: Settings, seed: int) -> FinetuneConfig:
+    return FinetuneConfig(epochs=s.ft_epochs, optimizer={"lr": s.ft_lr, "momentum": 0.9, "weight_decay": 5e-4},
+                          scheduler="cosine", seed=seed, amp=False)
 
 
-# -------------------------------------------------------------------------------------------- summary
+def run_finetune(model_name: str, criterion: str, allocation: str, recon: str, keep: float, seed: int,
+                 model: nn.Module, data: Data, s: Settings) -> dict:
+    """The fixed short fine-tune: s.ft_epochs over a seeded s.ft_subset draw, the same for every method."""
+    model = copy.deepcopy(model)
+    started = time.perf_counter()
+    finetune(model, data.loader(s.ft_subset, seed, s.batch_size, shuffle=True), None, finetune_cfg(s, seed),
+             progress=False)
+    seconds = time.perf_counter() - started
+    return {"kind": "ft", "model": model_name, "criterion": criterion, "allocation": allocation,
+            "reconstruct": recon, "keep_target": keep, "seed": seed, "finetune_s": seconds,
+            "top1_ft": top1(model, data)}
+
+
+def finetune_selection(s: Settings, rows: list[dict], model: str, keep: float, seed: int) -> list[tuple[str, str, str]]:
+    """Which cells get the short fine-tune: for every criterion its best allocation by top-1 after
+    reconstruction (judged on seed 0 where it ran, so every seed fine-tunes the same configurations),
+    with reconstruction; plus the paper's pfp/paper/none and torch-pruning's usual l1/uniform/none."""
+    cells = [r for r in rows if r.get("kind") == "cell" and r["model"] == model and math.isclose(r["keep_target"], keep)
+             and "error" not in r]
+    if s.finetune_cells == "none":
+        return []
+    if s.finetune_cells == "all":
+        mine = [r for r in cells if r["seed"] == seed]
+        return [(r["criterion"], r["allocation"], rec) for r in mine for rec in ("none", "least_squares")]
+    judged = [r for r in cells if r["seed"] == 0] or [r for r in cells if r["seed"] == seed]
+    chosen = []
+    for criterion in s.criteria:
+        mine = [r for r in judged if r["criterion"] == criterion]
+        if mine:
+            best = max(mine, key=lambda r: r["top1_recon"])
+            chosen.append((criterion, best["allocation"], "least_squares"))
+    chosen += [c for c in REFERENCE_FT if c[0] in s.criteria and c[1] in s.allocations and c not in chosen]
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------- summary
 
 def spread(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
@@ -439,24 +418,42 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+CELL_METRICS = ("top1_pruned", "top1_recon", "macs_ratio", "params_ratio", "macs", "params", "sensitivity_s",
+                "criterion_s", "allocation_s", "removal_s", "prune_s", "reconstruction_s")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and spread over seeds per (model, method, keep)."""
+    """Mean and spread over seeds per (model, criterion, allocation, keep); the fine-tunes attached."""
     cells: dict[tuple, list[dict]] = {}
+    fts: dict[tuple, list[dict]] = {}
     for row in rows:
-        cells.setdefault((row["model"], row["method"], row["keep_target"]), []).append(row)
+        if "error" in row:
+            continue
+        key = (row["model"], row["criterion"], row["allocation"], row["keep_target"])
+        if row["kind"] == "cell":
+            cells.setdefault(key, []).append(row)
+        else:
+            fts.setdefault(key + (row["reconstruct"],), []).append(row)
     out = []
-    for (model, method, keep), group in cells.items():
-        entry = {"model": model, "method": method, "keep_target": keep, "criterion": group[0]["criterion"],
-                 "allocation": group[0]["allocation"], "seeds": sorted(r["seed"] for r in group)}
-        for metric in ("top1_pruned", "top1_bn", "top1_ft", "macs_ratio", "params_ratio", "macs", "params",
-                       "latency_p50_ms", "score_s", "prune_s", "finetune_s"):
+    for key, group in cells.items():
+        entry = dict(zip(("model", "criterion", "allocation", "keep_target"), key))
+        entry["seeds"] = sorted(r["seed"] for r in group)
+        for metric in CELL_METRICS:
             entry[metric] = spread([r.get(metric) for r in group])
+        for recon in ("none", "least_squares"):
+            ft = fts.get(key + (recon,), [])
+            entry[f"top1_ft_{recon}"] = spread([r["top1_ft"] for r in ft])
+            entry[f"finetune_s_{recon}"] = spread([r["finetune_s"] for r in ft])
+            entry[f"ft_seeds_{recon}"] = sorted(r["seed"] for r in ft)
         out.append(entry)
+    order = {c: i for i, c in enumerate(CRITERIA)}
+    aorder = {a: i for i, a in enumerate(ALLOCATIONS)}
+    out.sort(key=lambda e: (e["model"], -e["keep_target"], order[e["criterion"]], aorder[e["allocation"]]))
     return out
 
 
 def fmt_acc(stats: dict) -> str:
-    if stats["mean"] is None:
+    if not stats or stats["mean"] is None:
         return "—"
     return f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if stats["n"] > 1 else "")
 
@@ -469,154 +466,222 @@ def fmt_load(load: Any) -> str:
     return "—" if not load else ", ".join(f"{v:.1f}" for v in load)
 
 
+def best_ft(e: dict) -> tuple[str, dict]:
+    """The fine-tuned variant of a summary entry: (recon it started from, stats); ('', empty) when none."""
+    for recon in ("least_squares", "none"):
+        if e[f"top1_ft_{recon}"]["n"]:
+            return recon, e[f"top1_ft_{recon}"]
+    return "", {}
+
+
+def goals(results: dict) -> list[str]:
+    """The issue's ResNet-20 goals, against the measured best (no training) and best (short fine-tune)."""
+    if "resnet20" not in results["dense"]:
+        return []
+    dense = results["dense"]["resnet20"]["top1"]
+    entries = [e for e in results["summary"] if e["model"] == "resnet20"]
+    lines = ["| goal | dense | best measured | configuration | met? |", "|---|---|---|---|---|"]
+    for keep, margin, kind in ((0.5, 1.0, "recon"), (0.3, 3.0, "recon"), (0.5, 0.3, "ft"), (0.3, 0.3, "ft")):
+        mine = [e for e in entries if math.isclose(e["keep_target"], keep)]
+        if kind == "recon":
+            cands = [(e["top1_recon"]["mean"], f"{e['criterion']}/{e['allocation']}/least_squares", e["top1_recon"])
+                     for e in mine if e["top1_recon"]["mean"] is not None]
+            label = f"keep {keep}, no training: ≥ dense − {margin}"
+        else:
+            cands = [(e[f"top1_ft_{r}"]["mean"], f"{e['criterion']}/{e['allocation']}/{r} + fine-tune",
+                      e[f"top1_ft_{r}"]) for e in mine for r in ("none", "least_squares") if e[f"top1_ft_{r}"]["n"]]
+            label = f"keep {keep}, short fine-tune: within {margin} of dense"
+        default = [c for c in cands if c[1].startswith("pfp/cost_aware/least_squares")]
+        for which, chosen in (("default", default), ("best cell", cands)):
+            if not chosen:
+                lines.append(f"| {label} ({which}) | {dense:.2f} | not run | — | — |")
+                continue
+            value, config, stats = max(chosen, key=lambda c: c[0])
+            lines.append(f"| {label} ({which}) | {dense:.2f} | {fmt_acc(stats)} | {config} | "
+                         f"{'yes' if value >= dense - margin else f'no ({value - dense:+.2f})'} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     env, s = results["environment"], results["settings"]
-    lines = ["# PFP vs torch-pruning criteria on Fashion-MNIST", "",
+    lines = ["# Criterion x allocation x reconstruction on Fashion-MNIST", "",
              f"Command: `{results['command']}`  ",
-             f"Machine: {env['cpu_model']}, {env['usable_cores']} usable cores, torch {env['torch']} "
-             f"({s['threads']} threads), torch-pruning {results['versions']['torch_pruning']}, "
-             f"onnxruntime {env['onnxruntime']}, Python {env['python']}; load average at start / end "
+             f"Machine: {env.get('cpu_model')}, {env.get('usable_cores')} usable cores, {s['threads']} torch thread(s); "
+             f"torch {results['versions']['torch']}, torch-pruning {results['versions']['torch_pruning']}, "
+             f"Python {env.get('python')}; load average at start / end "
              f"{fmt_load(env.get('load_average_start'))} / {fmt_load(env.get('load_average_end'))}  ",
-             f"Wall time: {results['wall_seconds'] / 60:.1f} min. Dense training: {s['train_subset']} images x "
-             f"{s['dense_epochs']} epochs; every cell: fine-tune {s['ft_epochs']} epoch(s) on {s['ft_subset']} "
-             f"images (SGD lr {s['ft_lr']}, cosine, batch {s['batch_size']}); top-1 on a fixed "
-             f"{s['test_subset']}-image test subset; ONNX Runtime CPU p50 at batch 1, "
-             f"{s['latency_threads']} thread(s). MACs counted by tp.utils.count_ops_and_params.", ""]
+             f"Wall time: {results['wall_seconds'] / 60:.1f} min. Top-1 on a fixed {s['test_subset']}-image test "
+             f"subset. Calibration: {s['calib']} images per seed (\"auto\": the paper's size), used for scoring, "
+             f"allocation and reconstruction. Fine-tune: {s['ft_epochs']} epoch(s) on {s['ft_subset']} training "
+             f"images (SGD lr {s['ft_lr']}, momentum 0.9, cosine, batch {s['batch_size']}), the same draw for every "
+             f"method. MACs by tp.utils.count_ops_and_params.", ""]
     if results.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
-    lines += ["## Dense models", "", "| model | top-1 | MACs | params | ORT p50 ms |", "|---|---|---|---|---|"]
+    lines += ["## Dense models", "", "| model | top-1 (test subset) | card top-1 (10k test) | MACs | params | "
+              "training s | checkpoint |", "|---|---|---|---|---|---|---|"]
     for name, d in results["dense"].items():
-        lines.append(f"| {name} | {d['top1']:.2f} | {d['macs'] / 1e6:.2f} M | {d['params'] / 1e3:.1f} K | "
-                     f"{fmt(d['latency_p50_ms'], 3)} |")
+        card = d.get("card") or {}
+        lines.append(f"| {name} | {d['top1']:.2f} | {card.get('test_top1', '—')} | {d['macs'] / 1e6:.2f} M | "
+                     f"{d['params'] / 1e3:.1f} K | {card.get('train_seconds', '—')} | `{d['checkpoint']}` |")
+    if results.get("sensitivity"):
+        lines += ["", "PFP sensitivity pass (once per model and seed, lent to every cell of that seed): "
+                  + "; ".join(f"{k} {v:.2f} s" for k, v in results["sensitivity"].items())]
+    lines += headline(results)
+    g = goals(results)
+    if g:
+        lines += ["", "## ResNet-20 against the issue's goals", ""] + g
     summary = results["summary"]
     for model in results["dense"]:
         dense_top1 = results["dense"][model]["top1"]
         for keep in sorted({e["keep_target"] for e in summary if e["model"] == model}, reverse=True):
-            entries = sorted([e for e in summary if e["model"] == model and e["keep_target"] == keep],
-                             key=lambda e: -(e["top1_ft"]["mean"] or -1))
+            entries = [e for e in summary if e["model"] == model and e["keep_target"] == keep]
             seeds = max(len(e["seeds"]) for e in entries)
-            lines += ["", f"## {model}, keep {keep:.2f} of MACs"
-                      + (f" ({seeds} seeds: mean ± std)" if seeds > 1 else " (seed 0)"),
-                      f"Dense top-1 {dense_top1:.2f}. Sorted by top-1 after fine-tuning.", "",
-                      "| method | MACs kept | params kept | top-1 pruned | + BN recal | + fine-tune | ORT p50 ms "
-                      "| scoring s | prune s |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", f"## {model}, keep {keep:.2f} of MACs (dense {dense_top1:.2f})", "",
+                      "Mean ± std over the seeds listed. +FT: the short fine-tune, from the +recon model (LS) or "
+                      "from the pruned-only one (none). Times in s: scoring+allocation+removal (criterion, "
+                      "allocation, removal; the shared sensitivity pass not included), reconstruction, fine-tune.", "",
+                      "| criterion | allocation | seeds | MACs kept | params kept | pruned-only | + recon | + FT "
+                      "| score+alloc+removal s | recon s | FT s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for e in entries:
-                lines.append(f"| {e['method']} | {fmt(e['macs_ratio']['mean'], 3)} | {fmt(e['params_ratio']['mean'], 3)} "
-                             f"| {fmt_acc(e['top1_pruned'])} | {fmt_acc(e['top1_bn'])} | {fmt_acc(e['top1_ft'])} "
-                             f"| {fmt(e['latency_p50_ms']['mean'], 3)} | {fmt(e['score_s']['mean'], 2)} "
-                             f"| {fmt(e['prune_s']['mean'], 1)} |")
-            lines += criterion_allocation_table(entries)
-    if results.get("cascade"):
-        lines += ["", "## Cascade (paper protocol, seed 0)", "",
-                  f"Fine-tune {s['cascade_ft_epochs']} epoch(s) between stages; a stage counts when its top-1 "
-                  f"is within {s['cascade_tolerance']} points of dense.", "",
-                  "| model | method | stages: MACs kept -> top-1 | smallest MACs kept within tolerance |",
-                  "|---|---|---|---|"]
-        for c in results["cascade"]:
-            stages = "; ".join(f"{st['macs_ratio']:.2f} -> {st['top1_ft']:.2f}" for st in c["stages"])
-            best = c["smallest_macs_ratio_within_tolerance"]
-            lines.append(f"| {c['model']} (dense {c['dense_top1']:.2f}) | {c['method']} | {stages} | "
-                         f"{'none' if best is None else f'{best:.3f}'} |")
+                ft_cells = [f"{fmt_acc(e[f'top1_ft_{r}'])} ({'LS' if r == 'least_squares' else 'none'})"
+                            for r in ("least_squares", "none") if e[f"top1_ft_{r}"]["n"]]
+                ft_times = [fmt(e[f"finetune_s_{r}"]["mean"], 1) for r in ("least_squares", "none")
+                            if e[f"finetune_s_{r}"]["n"]]
+                lines.append(f"| {e['criterion']} | {e['allocation']} | {len(e['seeds'])} | "
+                             f"{fmt(e['macs_ratio']['mean'], 3)} | {fmt(e['params_ratio']['mean'], 3)} | "
+                             f"{fmt_acc(e['top1_pruned'])} | {fmt_acc(e['top1_recon'])} | "
+                             f"{'; '.join(ft_cells) or '—'} | {fmt(e['prune_s']['mean'], 2)} | "
+                             f"{fmt(e['reconstruction_s']['mean'], 2)} | {' / '.join(ft_times) or '—'} |")
+            lines += pivot(entries, "top1_recon", "Top-1 + reconstruction (no training), criterion x allocation")
+            lines += pivot(entries, "top1_pruned", "Top-1 pruned-only, criterion x allocation")
+            if seeds > 1:
+                lines.append(f"\n(up to {seeds} seeds)")
     if results.get("failures"):
-        lines += ["", "## Failed cells", ""] + [f"- {f['model']} {f['method']} keep {f['keep_target']} seed "
-                                                f"{f['seed']}: {f['error']}" for f in results["failures"]]
+        lines += ["", "## Failed cells", ""] + [f"- {f['model']} {f['criterion']}/{f['allocation']} "
+                                                f"{f.get('reconstruct', '')} keep {f['keep_target']} seed {f['seed']}: "
+                                                f"{f['error']}" for f in results["failures"]]
+    if results.get("not_run"):
+        lines += ["", "## Planned but not run (time budget)", ""] + [f"- {n}" for n in results["not_run"]]
     return "\n".join(lines) + "\n"
 
 
-def criterion_allocation_table(entries: list[dict]) -> list[str]:
-    """Top-1 after fine-tuning: criterion (rows) x allocation (columns), to separate the two effects."""
-    by = {(e["criterion"], e["allocation"]): e for e in entries}
-    criteria = [c for c in CRITERIA if any((c, a) in by for a in ALLOCATIONS)]
-    if not criteria:
-        return []
-    lines = ["", "Top-1 after fine-tuning, criterion x allocation:", "",
-             "| criterion | uniform | global | PFP allocation |", "|---|---|---|---|"]
-    for c in criteria:
-        lines.append(f"| {c} | " + " | ".join(fmt_acc(by[(c, a)]["top1_ft"]) if (c, a) in by else "—"
-                                                for a in ALLOCATIONS) + " |")
-    pfp = [e for e in entries if e["criterion"] == "pfp"]
-    if pfp:
-        lines.append("| pfp (own scores) | — | — | " + ", ".join(f"{e['method'].split(':')[1]} {fmt_acc(e['top1_ft'])}"
-                                                           for e in pfp) + " |")
+def headline(results: dict) -> list[str]:
+    """One row per (model, keep): the paper's configuration, torch-pruning's usual one, the default and
+    the best cell, each without training and after the short fine-tune."""
+    lines = ["", "## Headline (mean ± std over the seeds run)", "",
+             "| model | keep | dense | pfp/paper/none: pruned → +FT | l1/uniform/none: pruned → +FT | "
+             "default pfp/cost_aware/LS: +recon → +FT | best without training | best after fine-tune |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = results["summary"]
+    for model, d in results["dense"].items():
+        for keep in sorted({e["keep_target"] for e in summary if e["model"] == model}, reverse=True):
+            by = {(e["criterion"], e["allocation"]): e for e in summary
+                  if e["model"] == model and e["keep_target"] == keep}
+
+            def pair(key, first, ft):
+                e = by.get(key)
+                return "—" if e is None else f"{fmt_acc(e[first])} → {fmt_acc(e[ft])}"
+
+            recon = [(e["top1_recon"]["mean"], f"{c}/{a}/LS {fmt_acc(e['top1_recon'])}") for (c, a), e in by.items()
+                     if e["top1_recon"]["mean"] is not None]
+            recon += [(e["top1_pruned"]["mean"], f"{c}/{a}/none {fmt_acc(e['top1_pruned'])}")
+                      for (c, a), e in by.items() if e["top1_pruned"]["mean"] is not None]
+            ft = [(e[f"top1_ft_{r}"]["mean"], f"{c}/{a}/{'LS' if r == 'least_squares' else 'none'} "
+                   f"{fmt_acc(e[f'top1_ft_{r}'])}") for (c, a), e in by.items() for r in ("none", "least_squares")
+                  if e[f"top1_ft_{r}"]["n"]]
+            lines.append(f"| {model} | {keep:.2f} | {d['top1']:.2f} | "
+                         f"{pair(('pfp', 'paper'), 'top1_pruned', 'top1_ft_none')} | "
+                         f"{pair(('l1', 'uniform'), 'top1_pruned', 'top1_ft_none')} | "
+                         f"{pair(('pfp', 'cost_aware'), 'top1_recon', 'top1_ft_least_squares')} | "
+                         f"{max(recon)[1] if recon else '—'} | {max(ft)[1] if ft else '—'} |")
     return lines
 
 
-def plot(summary: list[dict], dense: dict, out: Path, headline_keep: float) -> list[str]:
-    """Top-1 after fine-tuning vs MACs kept, one line per method, one PNG per model; plus a
-    `_focus` PNG with PFP's variants against the best torch-pruning method (and its criterion under
-    PFP's allocation, and random:uniform as the floor), which stays readable."""
-    try:
-        from pfp_deploy.report import plot_accuracy_vs_macs
-    except ImportError:
-        plot_accuracy_vs_macs = plot_fallback
-    files = []
-    for model, d in dense.items():
-        rows = [{"method": e["method"], "macs_ratio": e["macs_ratio"]["mean"], "top1": e["top1_ft"]["mean"]}
-                for e in summary if e["model"] == model]
-        rows += [{"method": m, "macs_ratio": 1.0, "top1": d["top1"]} for m in {r["method"] for r in rows}]
-        best = best_tp_method(summary, model, headline_keep)
-        focus = {f"pfp:{v}" for v in PFP_VARIANTS} | {"random:uniform"}
-        if best:
-            focus |= {best, best.split(":")[0] + ":pfp-alloc"}
-        for suffix, chosen in (("", rows), ("_focus", [r for r in rows if r["method"] in focus])):
-            path = out / f"accuracy_vs_macs_{model}{suffix}.png"
-            plot_accuracy_vs_macs(chosen, path, f"{model} on Fashion-MNIST: top-1 after fine-tuning",
-                                  xlabel="MACs kept (fraction of dense)")
-            files.append(str(path))
-    return files
+def pivot(entries: list[dict], metric: str, title: str) -> list[str]:
+    by = {(e["criterion"], e["allocation"]): e for e in entries}
+    allocations = [a for a in ALLOCATIONS if any(k[1] == a for k in by)]
+    criteria = [c for c in CRITERIA if any(k[0] == c for k in by)]
+    lines = ["", f"{title}:", "", "| criterion | " + " | ".join(allocations) + " |",
+             "|---|" + "---|" * len(allocations)]
+    for c in criteria:
+        lines.append(f"| {c} | " + " | ".join(fmt_acc(by[(c, a)][metric]) if (c, a) in by else "—"
+                                                for a in allocations) + " |")
+    return lines
 
 
-def plot_fallback(rows: list[dict], path: Path, title: str, xlabel: str) -> None:
+PLOT_CONFIGS = [("pfp", "paper"), ("pfp", "cost_aware"), ("l1", "uniform"), ("l2", "cost_aware"),
+                ("random", "uniform")]
+
+
+def plot(summary: list[dict], dense: dict, out: Path) -> list[str]:
+    """Per model: top-1 vs MACs kept, three panels (pruned-only, + reconstruction, + fine-tune), one line
+    per configuration (PLOT_CONFIGS and, per keep, the best configuration of each panel)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for method in sorted({r["method"] for r in rows}):
-        pts = sorted((r["macs_ratio"], r["top1"]) for r in rows if r["method"] == method and r["top1"] is not None)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set(xlabel=xlabel, ylabel="top-1 (%)", title=title)
-    ax.legend(fontsize=6)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files = []
+    for model, d in dense.items():
+        entries = [e for e in summary if e["model"] == model]
+        if not entries:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=False)
+        panels = [("pruned-only (no repair)", lambda e: e["top1_pruned"]["mean"]),
+                  ("+ least-squares reconstruction", lambda e: e["top1_recon"]["mean"]),
+                  ("+ short fine-tune", lambda e: best_ft(e)[1].get("mean"))]
+        for ax, (title, value) in zip(axes, panels):
+            for criterion, allocation in PLOT_CONFIGS:
+                pts = sorted((e["macs_ratio"]["mean"], value(e)) for e in entries
+                             if (e["criterion"], e["allocation"]) == (criterion, allocation) and value(e) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts] + [1.0], [p[1] for p in pts] + [d["top1"]], marker="o",
+                            label=f"{criterion}/{allocation}")
+            best = []
+            for keep in sorted({e["keep_target"] for e in entries}):
+                cands = [e for e in entries if e["keep_target"] == keep and value(e) is not None]
+                if cands:
+                    b = max(cands, key=value)
+                    best.append((b["macs_ratio"]["mean"], value(b)))
+            if best:
+                ax.plot([p[0] for p in best], [p[1] for p in best], "k--", marker="*", label="best of all cells")
+            ax.axhline(d["top1"], color="grey", lw=0.8, ls=":", label="dense")
+            ax.set(xlabel="MACs kept (fraction of dense)", ylabel="top-1 (%)", title=title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{model} on Fashion-MNIST")
+        fig.tight_layout()
+        path = out / f"accuracy_vs_macs_{model}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(str(path))
+    return files
 
 
 # ----------------------------------------------------------------------------------------------- main
 
-def cell_plan(s: Settings, pfp_available: bool) -> list[tuple[str, str, float, int]]:
-    plan = []
-    for model in s.models:
-        for keep in s.keeps:
-            seeds = range(s.seeds) if math.isclose(keep, s.headline_keep) else range(1)
-            for seed in seeds:
-                for method in s.methods:
-                    needs_pfp = method.startswith("pfp:") or method.endswith(":pfp-alloc")
-                    if pfp_available or not needs_pfp:
-                        plan.append((model, method, keep, seed))
-    return plan
+def slot_plan(s: Settings) -> list[tuple[float, int]]:
+    """(keep, seed) slots in the order they run: the most informative first, so that a run cut by the
+    clock loses the least: headline keep seed 0, the other full-grid keeps, the headline's seed 1, the other
+    keeps, the headline's remaining seeds."""
+    slots = [(s.headline_keep, 0)] if any(math.isclose(k, s.headline_keep) for k in s.keeps) else []
+    slots += [(k, 0) for k in s.keeps if (k, 0) not in slots and any(math.isclose(k, g) for g in s.full_grid)]
+    extra = [(s.headline_keep, seed) for seed in range(1, s.seeds) if (s.headline_keep, 0) in slots]
+    slots += extra[:1] + [(k, 0) for k in s.keeps if (k, 0) not in slots] + extra[1:]
+    return slots
 
 
-def resweep_latency(rows: list[dict], dense_info: dict, latency: LatencyMeter, notes: list[str],
-                    log: Callable[[str], None]) -> None:
-    """Replace each cell's latency by the end-of-run round-robin median (the cell's own is kept)."""
-    timed = [r for r in rows if r.get("onnx_file")] + list(dense_info.values())
-    started = time.perf_counter()
-    medians = latency.sweep({r["onnx_file"] for r in timed})
-    for r in timed:
-        if r["onnx_file"] in medians:
-            r["latency_p50_ms_at_cell"] = r.get("latency_p50_ms_at_cell", r["latency_p50_ms"])
-            r["latency_p50_ms"] = medians[r["onnx_file"]]
-    untimed = len(rows) + len(dense_info) - sum(r["onnx_file"] in medians for r in timed)
-    if untimed:
-        notes.append(f"{untimed} rows kept the latency measured when their cell ran (no ONNX file to re-time).")
-    log(f"latency sweep: {len(medians)} ONNX files x 3 rounds in {time.perf_counter() - started:.0f} s")
+def cells_of_slot(s: Settings, keep: float, seed: int) -> list[tuple[str, str]]:
+    full = seed == 0 and any(math.isclose(keep, g) for g in s.full_grid)
+    cells = [(c, a) for c in s.criteria for a in s.allocations]
+    return cells if full else [c for c in cells if c in CORE_CELLS]
 
 
-def best_tp_method(summary: list[dict], model: str, keep: float) -> str | None:
-    """The torch-pruning method (its own pruner: uniform or global) with the best mean top-1 after fine-tuning."""
-    candidates = [e for e in summary if e["model"] == model and math.isclose(e["keep_target"], keep)
-                  and e["allocation"] in ("uniform", "global") and e["top1_ft"]["mean"] is not None]
-    return max(candidates, key=lambda e: e["top1_ft"]["mean"])["method"] if candidates else None
+def deadline_passed(deadline: str) -> bool:
+    if not deadline:
+        return False
+    now = time.gmtime()
+    hours, minutes = (int(v) for v in deadline.split(":"))
+    return now.tm_hour * 60 + now.tm_min >= hours * 60 + minutes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -627,98 +692,127 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     command = " ".join(["python -m benchmarks.compare"] + (sys.argv[1:] if argv is None else list(argv)))
     env = hardware_fingerprint()
-    env["load_average_start"] = os.getloadavg()  # other jobs on the host slow every timing down
+    env["load_average_start"] = os.getloadavg()
     tp_version = importlib.metadata.version("torch-pruning")
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
     log(f"command: {command}")
-    log(f"machine: {env['cpu_model']}, {env['usable_cores']} usable cores; torch {torch.__version__}, "
-        f"torch-pruning {tp_version}, onnxruntime {env['onnxruntime']}, load average {env['load_average_start']}")
-    notes = []
-    pfp_available = pfp_prune_fn() is not None
-    if not pfp_available:
-        notes.append("pfp_deploy.pruning.prune was not available: PFP methods and pfp-alloc cells were skipped.")
-        log("WARNING: " + notes[-1])
-
-    data = load_data(s)
-    latency = LatencyMeter(s, data.example)
-    dense_models, dense_info = {}, {}
+    log(f"machine: {env.get('cpu_model')}, {env.get('usable_cores')} usable cores; torch {torch.__version__}, "
+        f"torch-pruning {tp_version}, load average {env['load_average_start']}")
+    dense_models, dense_info, dense_meta = {}, {}, {}
     for name in s.models:
-        model, info = dense_model(name, s, data, log)
+        dense_models[name], dense_meta[name] = dense_model(name, s, log)
+    if s.dense_only:
+        return {}
+    data = load_data(s)
+    for name, model in dense_models.items():
         macs, params = count(model, data.example)
-        dense_models[name] = model
-        p50, onnx_file = latency(model, name)
-        dense_info[name] = {**info, "top1": top1(model, data), "macs": macs, "params": params,
-                            "latency_p50_ms": p50, "onnx_file": onnx_file}
-        log(f"dense {name}: top-1 {dense_info[name]['top1']:.2f}, MACs {macs / 1e6:.2f} M, params {params}")
+        dense_info[name] = {**dense_meta[name], "top1": top1(model, data), "macs": macs, "params": params}
+        log(f"dense {name}: top-1 {dense_info[name]['top1']:.2f} on {s.test_subset} test images, "
+            f"MACs {macs / 1e6:.2f} M, params {params}")
 
-    # Finished cells from an earlier run with the same settings are reused (resume after interruption).
     cells_path, key = out / "cells.jsonl", s.cell_key()
-    done = {}
+    done: dict[tuple, dict] = {}
     if cells_path.exists():
         for line in cells_path.read_text().splitlines():
             row = json.loads(line)
             if row.get("settings_key") == key:
-                done[(row["model"], row["method"], row["keep_target"], row["seed"])] = row
-    rows, failures = [], []
-    shared_sensitivities: dict[tuple, dict] = {}  # per (model, seed): the calibration set is the same
-    plan = cell_plan(s, pfp_available)
-    for i, (model, method, keep, seed) in enumerate(plan, 1):
-        if (model, method, keep, seed) in done:
-            rows.append(done[(model, method, keep, seed)])
-            continue
-        if s.report_only:
-            continue
-        try:
-            row = run_cell(model, method, keep, seed, dense_models[model],
-                           (dense_info[model]["macs"], dense_info[model]["params"]), data, s, latency,
-                           shared_sensitivities.setdefault((model, seed), {}))
-        except Exception as exc:  # noqa: BLE001 - one broken cell must not lose an hour of others
-            failures.append({"model": model, "method": method, "keep_target": keep, "seed": seed,
-                             "error": f"{type(exc).__name__}: {exc}"})
-            log(f"[{i}/{len(plan)}] FAILED {model} {method} keep {keep} seed {seed}: {failures[-1]['error']}")
-            continue
+                done[row_key(row)] = row
+    rows: list[dict] = []
+    notes: list[str] = []
+    not_run: list[str] = []
+    sensitivity: dict[str, float] = {}
+    shared_sensitivities: dict[tuple[str, int], dict] = {}
+
+    def record(row: dict) -> None:
         row["settings_key"] = key
         rows.append(row)
         with cells_path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
-        log(f"[{i}/{len(plan)}] {model} {method} keep {keep} seed {seed}: MACs {row['macs_ratio']:.3f}, top-1 "
-            f"{row['top1_pruned']:.2f} / bn {row['top1_bn']:.2f} / ft {row['top1_ft']:.2f}, "
-            f"p50 {row['latency_p50_ms']:.3f} ms, score {fmt(row['score_s'])} s, prune {row['prune_s']:.1f} s")
-    resweep_latency(rows, dense_info, latency, notes, log)
-    summary = summarise(rows)
 
-    cascades = []
-    if s.report_only:
-        notes.append(f"--report-only: {len(rows)} of {len(plan)} cells finished so far; no cascade.")
-    elif s.cascade:
-        for model in s.models:
-            methods = (["pfp:deterministic"] if pfp_available else []) + [best_tp_method(summary, model, s.headline_keep)
-                                                                         or "l1:global"]
-            for method in methods:
+    for keep, seed in slot_plan(s):
+        for model_name in s.models:
+            dense = dense_models[model_name]
+            cost = (dense_info[model_name]["macs"], dense_info[model_name]["params"])
+            calibration = calibration_batches(s, data, dense, seed)
+            shared = shared_sensitivities.setdefault((model_name, seed), {})  # same calibration draw
+            built: dict[tuple[str, str], tuple[nn.Module, nn.Module]] = {}
+            planned = cells_of_slot(s, keep, seed)
+            planned += [(c, a) for c, a, _ in finetune_selection(s, rows, model_name, keep, seed)
+                        if (c, a) not in planned]  # the other seeds also measure the cells seed 0 fine-tuned
+            for criterion, allocation in planned:
+                k = ("cell", model_name, criterion, allocation, "", keep, seed)
+                if k in done:
+                    rows.append(done[k])
+                    continue
+                if s.report_only or deadline_passed(s.deadline):
+                    not_run.append(f"{model_name} {criterion}/{allocation} keep {keep} seed {seed}")
+                    continue
                 try:
-                    cascades.append(run_cascade(model, method, dense_models[model],
-                                                (dense_info[model]["macs"], dense_info[model]["params"]),
-                                                dense_info[model]["top1"], data, s, log))
+                    row, models = run_cell(model_name, criterion, allocation, keep, seed, dense, cost, calibration,
+                                           data, s, shared)
+                except Exception as exc:  # noqa: BLE001 - a failure is a result: recorded, the run goes on
+                    record({"kind": "cell", "model": model_name, "criterion": criterion, "allocation": allocation,
+                            "keep_target": keep, "seed": seed, "error": f"{type(exc).__name__}: {exc}"})
+                    log(f"FAILED {model_name} {criterion}/{allocation} keep {keep} seed {seed}: {rows[-1]['error']}")
+                    continue
+                built[(criterion, allocation)] = models
+                record(row)
+                log(f"{model_name} {criterion}/{allocation} keep {keep} seed {seed}: MACs {row['macs_ratio']:.3f}, "
+                    f"params {row['params_ratio']:.3f}, top-1 pruned {row['top1_pruned']:.2f} / recon "
+                    f"{row['top1_recon']:.2f}; prune {row['prune_s']:.2f} s, recon {row['reconstruction_s']:.2f} s")
+            if "sensitivity_s" in shared:
+                sensitivity[f"{model_name} seed {seed}"] = shared["sensitivity_s"]
+            for criterion, allocation, recon in finetune_selection(s, rows, model_name, keep, seed):
+                k = ("ft", model_name, criterion, allocation, recon, keep, seed)
+                if k in done:
+                    rows.append(done[k])
+                    continue
+                if s.report_only or deadline_passed(s.deadline):
+                    not_run.append(f"{model_name} {criterion}/{allocation}/{recon} + fine-tune keep {keep} seed {seed}")
+                    continue
+                try:
+                    if (criterion, allocation) not in built:  # resumed run: rebuild it (deterministic)
+                        _, built[(criterion, allocation)] = run_cell(model_name, criterion, allocation, keep, seed,
+                                                                     dense, cost, calibration, data, s, shared)
+                    start_model = built[(criterion, allocation)][1 if recon == "least_squares" else 0]
+                    row = run_finetune(model_name, criterion, allocation, recon, keep, seed, start_model, data, s)
                 except Exception as exc:  # noqa: BLE001
-                    failures.append({"model": model, "method": f"cascade {method}", "keep_target": None,
-                                     "seed": 0, "error": f"{type(exc).__name__}: {exc}"})
-                    log(f"FAILED cascade {model} {method}: {failures[-1]['error']}")
-
+                    record({"kind": "ft", "model": model_name, "criterion": criterion, "allocation": allocation,
+                            "reconstruct": recon, "keep_target": keep, "seed": seed,
+                            "error": f"{type(exc).__name__}: {exc}"})
+                    log(f"FAILED fine-tune {model_name} {criterion}/{allocation}/{recon}: {rows[-1]['error']}")
+                    continue
+                record(row)
+                log(f"{model_name} {criterion}/{allocation}/{recon} keep {keep} seed {seed} + fine-tune: "
+                    f"top-1 {row['top1_ft']:.2f} ({row['finetune_s']:.1f} s)")
+    if not_run and not s.report_only:
+        notes.append(f"--deadline {s.deadline} UTC passed: {len(not_run)} planned rows not run (listed at the end).")
+    if s.report_only:
+        notes.append(f"--report-only: {sum(1 for r in rows if 'error' not in r)} rows finished so far; "
+                     f"{len(not_run)} planned rows not run.")
+    summary = summarise(rows)
+    failures = [r for r in rows if "error" in r]
+    env["load_average_end"] = os.getloadavg()
     results = {"command": command, "environment": env, "settings": dataclasses.asdict(s),
                "versions": {"torch": torch.__version__, "torch_pruning": tp_version,
-                            "onnxruntime": env["onnxruntime"]},
-               "dense": dense_info, "rows": rows, "summary": summary, "cascade": cascades,
-               "failures": failures, "notes": notes, "wall_seconds": time.perf_counter() - started}
-    env["load_average_end"] = os.getloadavg()
-    results["plots"] = plot(summary, dense_info, out, s.headline_keep)
+                            "python": platform.python_version()},
+               "dense": dense_info, "sensitivity": sensitivity, "rows": rows, "summary": summary,
+               "failures": failures, "not_run": not_run, "notes": notes,
+               "wall_seconds": time.perf_counter() - started}
+    results["plots"] = plot(summary, dense_info, out)
     results["wall_seconds"] = time.perf_counter() - started
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(markdown(results))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(results['plots'])}")
     return results
+
+
+def row_key(row: dict) -> tuple:
+    return (row["kind"], row["model"], row["criterion"], row["allocation"], row.get("reconstruct", ""),
+            row["keep_target"], row["seed"])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import os
 import shlex
@@ -42,9 +41,11 @@ import numpy as np
 import torch
 import torchvision
 
-from pfp_deploy.bench import compare_latency, hardware_fingerprint, make_runner
+from pfp_deploy.bench import compare_latency
+from pfp_deploy.environment import hardware_fingerprint, package_version
 from pfp_deploy.export import export_onnx, export_openvino
 from pfp_deploy.pruning import count_cost, prune
+from pfp_deploy.runtimes import make_runner
 
 RUNTIME_LABEL = {"onnxruntime": "ORT CPU", "openvino": "OpenVINO CPU"}
 GOAL_EFFICIENCY = 0.9
@@ -55,13 +56,8 @@ def log(msg: str) -> None:
 
 
 def _versions() -> dict:
-    out = {}
-    for name in ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "torch-pruning", "numpy", "pfp-deploy"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    names = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "torch-pruning", "numpy", "pfp-deploy")
+    return {name: package_version(name) for name in names}
 
 
 def _loadavg() -> list[float] | None:

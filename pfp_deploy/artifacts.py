@@ -88,6 +88,8 @@ class LayerError(Artifact):
     out_before: int | None = None
     error_before: float | None = None
     error_after: float | None = None
+    heldout_before: float | None = None  # the same on held-out validation images (full forwards)
+    heldout_after: float | None = None
     status: str = ""
 
 
@@ -98,6 +100,7 @@ class Reconstruction(Artifact):
     ridge: float | None = None
     samples: int | None = None
     seconds: float | None = None
+    heldout_samples: int | None = None
     layers: list[LayerError] = []
     skipped: list[dict[str, Any]] = []
 
@@ -203,6 +206,9 @@ class LatencyRow(Artifact):
     min_ms: float | None = None
     max_ms: float | None = None
     throughput_ips: float | None = None
+    executed_on: str | None = None  # what actually ran: ORT's session provider, the CUDA device's name
+    graph: bool | None = None  # torch: CUDA graph replay
+    memory_format: str | None = None  # torch: contiguous | channels_last
 
 
 class GateRow(Artifact):

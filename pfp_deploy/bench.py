@@ -32,6 +32,7 @@ class Runner:
     hint: str | None = None
     source: str | None = None  # file the runner loaded, for messages
     fixed_batch: int | None = None  # set when the model was exported with a static batch
+    executed_on: str | None = None  # what actually runs (ORT's first session provider, the GPU's name)
 
     def prepare(self, x: torch.Tensor) -> Any:
         """Convert a torch input to this runtime's native input (done outside timing)."""
@@ -51,7 +52,8 @@ class Runner:
 
     def describe(self) -> dict:
         """Settings that identify this runner in a report."""
-        return {k: getattr(self, k) for k in ("runtime", "device", "provider", "threads", "precision", "hint")}
+        keys = ("runtime", "device", "provider", "threads", "precision", "hint", "executed_on")
+        return {k: getattr(self, k, None) for k in keys}
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -89,6 +91,9 @@ class LatencyStats:
     min_ms: float
     max_ms: float
     throughput_ips: float
+    executed_on: str | None = None  # Runner.executed_on: what actually ran (None: not recorded)
+    graph: bool | None = None  # torch: replayed a CUDA graph
+    memory_format: str | None = None  # torch: contiguous or channels_last
 
     @classmethod
     def from_samples(cls, runner: Runner, samples_ms: list[float], first_ms: float, batch: int) -> LatencyStats:
@@ -102,7 +107,8 @@ class LatencyStats:
                    precision=info["precision"], threads=info["threads"], batch=batch, runs=len(ms),
                    first_ms=float(first_ms), p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99),
                    mean_ms=float(ms.mean()), std_ms=float(ms.std()), min_ms=float(ms.min()), max_ms=float(ms.max()),
-                   throughput_ips=float(batch * 1000.0 / ms.mean()))
+                   throughput_ips=float(batch * 1000.0 / ms.mean()), executed_on=info.get("executed_on"),
+                   graph=info.get("graph"), memory_format=info.get("memory_format"))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -231,7 +231,8 @@ def _run_one(target, dense_model, pruned_model, shape, files, macs_ratio, accura
             source = model if fmt is None else files.get(f"{role}_{fmt}")
             runners[role] = make_runner(target.runtime, source=source, device=target.device,
                                         provider=target.provider, threads=target.threads,
-                                        precision=target.precision, hint=target.hint)
+                                        precision=target.precision, hint=target.hint, graph=target.graph,
+                                        memory_format=target.memory_format)
         # Same seeded input for every target so runs are repeatable.
         x = torch.randn(target.batch, *shape[1:], generator=torch.Generator().manual_seed(0))
         comparison = compare_latency(runners["dense"], runners["pruned"], x, **timing)

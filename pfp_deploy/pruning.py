@@ -202,16 +202,18 @@ def prune(
     allocation: str = cost_aware.DEFAULT_ALLOCATION,
     sensitivities: dict[str, torch.Tensor] | None = None,
     importance: Callable | None = None,
-    method: str = "pfp",
+    method: str | None = None,
     progress: bool = False,
 ) -> PruneResult:
-    """Prune `model` with PFP so that its MACs (or params) are `keep` x the model given.
+    """Prune `model` so that its MACs (or params) are `keep` x the model given.
 
     `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs).
-    `importance(tp_group) -> Tensor[width]` replaces PFP's channel scores for choosing channels
-    (PFP still decides how many each group keeps). `method` names a registered criterion
-    (pfp_deploy.criteria: "pfp", the default, is PFP's own scores; "l1", "l2", "taylor", "fpgm",
-    "bn_scale", "random", ...) that builds that callable; give `method` or `importance`, not both.
+    `method` names a registered criterion that chooses which channels each group keeps
+    (pfp_deploy.criteria): "pfp" (the default) for PFP's own sensitivity scores, "l1" (measured
+    0.8-1.3 points better with the default least-squares reconstruction, docs/BENCHMARKS.md §5),
+    "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact method: method="pfp",
+    allocation="paper", reconstruct="none". `importance(tp_group) -> Tensor[width]` is a callable of
+    your own that replaces PFP's scores (give it or a non-pfp `method`, not both).
     delta, c and K are the constants of the paper's
     sample complexity (PFP.md §3).
 
@@ -257,12 +259,15 @@ def prune(
         "min_channels": min_channels, "max_prune_ratio": 1.0 if max_prune_ratio is None else max_prune_ratio,
         "ignored_layers": list(ignored_layers or []), "overrides": overrides or {}, "seed": seed,
         "tolerance": tolerance, "delta": delta, "c": c, "K": K, "reconstruct": reconstruct,
-        "allocation": allocation, "method": method}, "prune()")
+        "allocation": allocation,
+        # method: the schema's default (l1; pfp for the sampling variants), or PFP's allocation for importance=
+        **({"method": method} if method is not None else {})},
+        "prune()")
     keep, metric, variant, round_to, min_channels = cfg.keep, cfg.metric, cfg.variant, cfg.round_to, cfg.min_channels
     max_prune_ratio, ignored_layers, seed, tolerance = cfg.max_prune_ratio, cfg.ignored_layers, cfg.seed, cfg.tolerance
     delta, c, K, allocation, repair = cfg.delta, cfg.c, cfg.K, cfg.allocation, cfg.reconstruct
     overrides = {name: o.model_dump(exclude_none=True) for name, o in cfg.overrides.items()}
-    criterion = _check_method(method, importance)
+    criterion = _check_method(cfg.method, importance)
     timings = {}
     t0 = time.perf_counter()
     work = private_copy(model)  # everything below runs on this copy: the model given stays as it is

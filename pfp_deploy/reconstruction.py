@@ -790,6 +790,45 @@ def _reconstruct(dense, pruned, calibration, plan, index_maps, example_inputs, r
     return result
 
 
+def layer_errors(dense: nn.Module, pruned: nn.Module, batches: Iterable, index_maps: Mapping,
+                 device: str | torch.device | None = None) -> dict[str, float]:
+    """Per dense layer named in `index_maps` ({name: IndexMap}, e.g. index_maps_from_plan): the
+    relative output error ||y_pruned - y_dense[kept]|| / ||y_dense[kept]|| over `batches`, both models
+    run in full (so a layer's error includes what reaches it from upstream). Used on held-out images
+    for the report's certificate; neither model is modified (train/eval flags come back)."""
+    device = torch.device(device) if device is not None else next(pruned.parameters()).device
+    dense_mods, pruned_mods = dict(dense.named_modules()), dict(pruned.named_modules())
+    names = [n for n in index_maps if n in dense_mods and n in pruned_mods and is_dense_layer(pruned_mods[n])]
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    diff = dict.fromkeys(names, 0.0)
+    ref = dict.fromkeys(names, 0.0)
+
+    def keep(name):
+        def hook(module, args, output):
+            outputs[name].append(output.detach())
+        return hook
+
+    def compare(name):
+        imap = index_maps[name]
+        dim = -1 if isinstance(pruned_mods[name], nn.Linear) else 1
+
+        def hook(module, args, output):
+            target = outputs[name].pop(0)
+            if imap.kept_out is not None:
+                target = target.index_select(dim, imap.kept_out.to(target.device))
+            diff[name] += float((output.double() - target.double()).pow(2).sum())
+            ref[name] += float(target.double().pow(2).sum())
+        return hook
+
+    with _inference(device, dense, pruned), \
+            _hooks([(dense_mods[n], keep(n)) for n in names] + [(pruned_mods[n], compare(n)) for n in names]):
+        for batch in batches:
+            x = _first_tensor(batch).to(device)
+            dense(x)
+            pruned(x)
+    return {n: math.sqrt(diff[n] / ref[n]) if ref[n] > 0 else 0.0 for n in names}
+
+
 def _is_row_selection(layer: _Layer) -> bool:
     dense_w, dense_b = layer.dense_mod.weight, layer.dense_mod.bias
     if layer.kept_out is not None:

@@ -283,13 +283,20 @@ def _reconstruction(steps: Sequence[PruneStep], plots: Mapping[str, Path]) -> li
         if rec is None or not rec.layers:
             continue
         title = "### Reconstruction" + (f" (step {i})" if len(steps) > 1 else "")
+        heldout = any(layer.heldout_after is not None for layer in rec.layers)
         lines += ["", title, "",
                   f"Least squares, ridge {rec.ridge}, {rec.samples} calibration samples, "
-                  f"{_secs(rec.seconds)}. Relative output error of each layer on the calibration "
-                  "data, with the dense model's outputs as the reference (0 = exact).", ""]
+                  f"{_secs(rec.seconds)}. Relative output error of each layer, with the dense model's "
+                  "outputs as the reference (0 = exact): on the calibration data, as the refit saw it"
+                  + (f"; and on {rec.heldout_samples} held-out validation images the refit never saw, "
+                     "through the whole pruned model (so upstream error is included)" if heldout else "")
+                  + ".", ""]
         rows = [[layer.name, f"{layer.kept_in}/{layer.in_before}", f"{layer.kept_out}/{layer.out_before}",
-                 _fixed(layer.error_before, 4), _fixed(layer.error_after, 4), layer.status] for layer in rec.layers]
-        table = _table(["Layer", "Inputs kept", "Outputs kept", "Error before", "Error after", "Status"], rows)
+                 _fixed(layer.error_before, 4), _fixed(layer.error_after, 4),
+                 *((_fixed(layer.heldout_before, 4), _fixed(layer.heldout_after, 4)) if heldout else ()),
+                 layer.status] for layer in rec.layers]
+        table = _table(["Layer", "Inputs kept", "Outputs kept", "Error before", "Error after",
+                        *(("Held-out before", "Held-out after") if heldout else ()), "Status"], rows)
         if len(rows) > MAX_GROUP_ROWS:
             table = [f"<details><summary>Reconstruction of {len(rows)} layers</summary>", "", *table, "",
                      "</details>"]
@@ -502,6 +509,9 @@ def plot_reconstruction(steps: Sequence[PruneStep], path: str | os.PathLike) -> 
     fig, ax = _figure(max(6.0, 0.3 * len(rows) + 2), 4.0)
     ax.bar(x - 0.2, before, width=0.4, color="#d9d9d9", label="pruned")
     ax.bar(x + 0.2, after, width=0.4, color=PRUNED_COLOR, label="+ reconstruction")
+    heldout = np.array([np.nan if layer.heldout_after is None else layer.heldout_after for layer in rows], float)
+    if np.isfinite(heldout).any():  # the refit's result on images it never saw, through the whole model
+        ax.plot(x + 0.2, heldout, "k_", markersize=10, markeredgewidth=2, label="+ reconstruction, held-out")
     step = math.ceil(len(rows) / 40)
     ax.set_xticks(x[::step], [layer.name for layer in rows][::step], rotation=90, fontsize=7)
     ax.set_ylabel("relative output error (calibration)")

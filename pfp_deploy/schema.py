@@ -207,13 +207,18 @@ class ReconstructConfig(_Strict):
     underdetermined: Literal["skip", "error"] = Field(
         "skip", description="A layer with fewer calibration rows than unknowns (e.g. flatten -> Linear "
         "with thousands of features): skip it (reported) or fail.")
+    heldout_samples: int = Field(
+        64, ge=0, description="Validation images on which the report also gives each layer's relative "
+        "output error before and after the refit (held-out: the refit never saw them; four forward passes "
+        "each, so 64 keeps it a fraction of the refit's time at 224 px). 0: calibration only.")
 
 
 class PruneConfig(_Strict):
     method: str = Field("pfp", description="Which channels each group keeps: pfp (Provable Filter Pruning, "
-                        "Liebenwein et al. 2020), l1, l2, taylor, fpgm, bn_scale, random, or one registered with "
-                        "pfp_deploy.criteria.register_criterion. Groups, allocation, reconstruction and removal "
-                        "are the same for every method.")
+                        "Liebenwein et al. 2020), l1 (measured 0.8-1.3 points better than pfp with least-squares "
+                        "reconstruction at half the MACs, docs/BENCHMARKS.md §5), l2, taylor, fpgm, bn_scale, random, "
+                        "or one registered with pfp_deploy.criteria.register_criterion. Groups, allocation, "
+                        "reconstruction and removal are the same for every method.")
     variant: Literal["deterministic", "randomized", "hybrid"] = Field(
         "deterministic", description="deterministic: keep the top channels by sensitivity (the "
         "paper's experiments); randomized: importance sampling with reweighting (the provable one); "
@@ -449,11 +454,17 @@ class TargetConfig(_Strict):
     batch: int = Field(1, ge=1, description="Batch size of the latency measurement.")
     threads: int | None = Field(None, ge=1, description="Intra-op threads (None: runtime default).")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="Inference precision: torch casts the model; openvino sets "
-        "INFERENCE_PRECISION_HINT; onnxruntime runs the exported fp32 graph only.")
+        "fp32", description="Inference precision: torch casts the model (model.to(dtype), not autocast); openvino "
+        "sets INFERENCE_PRECISION_HINT; onnxruntime runs the exported fp32 graph (fp16: TensorRT provider only).")
     hint: str | None = Field(
         None, description="Performance hint, for runtimes that take one: openvino LATENCY (default), "
         "THROUGHPUT or CUMULATIVE_THROUGHPUT.")
+    graph: bool | str | None = Field(
+        None, description="torch only: true, false or auto. Capture the model in CUDA graphs (one per batch size, "
+        "captured before timing). auto (default): on for device cuda, off elsewhere; true needs device cuda.")
+    memory_format: Literal["auto", "contiguous", "channels_last"] | None = Field(
+        None, description="torch only: the model's and input's layout. auto (default): channels_last on cuda in "
+        "fp16/bf16, contiguous otherwise.")
     p50_ms: float | None = Field(None, gt=0, description="Fail when median latency exceeds this.")
     p90_ms: float | None = Field(None, gt=0, description="Fail when 90th-percentile latency exceeds this.")
     p99_ms: float | None = Field(None, gt=0, description="Fail when 99th-percentile latency exceeds this.")
@@ -478,7 +489,8 @@ class TargetConfig(_Strict):
 
         try:
             settings = get_runtime(self.runtime).settings(device=self.device, provider=self.provider,
-                                                          precision=self.precision, hint=self.hint)
+                                                          precision=self.precision, hint=self.hint, graph=self.graph,
+                                                          memory_format=self.memory_format)
         except SettingsError as exc:
             raise _Problems(exc.problems) from None
         for key, value in settings.items():

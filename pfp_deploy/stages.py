@@ -20,14 +20,16 @@ from torch import nn
 
 from pfp_deploy.artifacts import Accuracy, ExportResult, FinetuneStep, GroupWidth, PruneStep, TargetRow
 from pfp_deploy.checks import run_targets
-from pfp_deploy.data import DataBundle, calibration_size
+from pfp_deploy.data import DataBundle, calibration_size, calibration_subset, make_loader
 from pfp_deploy.distributed import DistContext, all_reduce_max, wrap_loader_for_distributed
 from pfp_deploy.errors import RuntimeUnavailableError, UsageError, did_you_mean
 from pfp_deploy.export import check_parity, export_hashes, export_onnx, export_openvino, verify_export
 from pfp_deploy.finetune import evaluate, finetune, recalibrate_batchnorm
 from pfp_deploy.models import architecture_config, build_model, model_label, save_pruned
 from pfp_deploy.pfp import sensitivity as pfp_sensitivity
+from pfp_deploy.pfp.sensitivity import _first_tensor
 from pfp_deploy.pruning import Plan, count_cost, prune, reconstruct_layers
+from pfp_deploy.reconstruction import index_maps_from_plan, layer_errors
 from pfp_deploy.report import to_jsonable
 from pfp_deploy.run_dir import Run
 from pfp_deploy.schema import Recipe
@@ -141,20 +143,28 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
     achieved = (macs if cfg.metric == "macs" else params) / dense_cost
     accuracies = {"pruned_only": accuracy(pruned, data, dist)}
     log.info("step %d: pruned to %.3f of the dense %s; top-1 %s %% before repairs", step, achieved,
-             cfg.metric, accuracies["pruned_only"].top1)
+             cfg.metric, _pct(accuracies["pruned_only"].top1))
     repaired = {"method": "none"}
     if cfg.reconstruct.method != "none":  # every rank: the Gram matrices are summed across ranks
         started = time.perf_counter()
-        repaired = reconstruct_layers(model, pruned, calibration, cfg.reconstruct, plan=result.plan,
-                                      example_inputs=example, progress=progress).to_dict()
+        maps = index_maps_from_plan(model, result.plan, example)
+        heldout = heldout_batches(data, cfg.reconstruct.heldout_samples, recipe.data.seed)
+        before = layer_errors(model, pruned, heldout, maps) if heldout else {}
+        repaired = reconstruct_layers(model, pruned, calibration, cfg.reconstruct, index_maps=maps,
+                                      progress=progress).to_dict()
+        if heldout:
+            after = layer_errors(model, pruned, heldout, maps)
+            repaired["heldout_samples"] = sum(len(_first_tensor(b)) for b in heldout)
+            for layer in repaired["layers"]:
+                layer.update(heldout_before=before.get(layer["name"]), heldout_after=after.get(layer["name"]))
         result.report["seconds"]["reconstruction"] = round(time.perf_counter() - started, 4)
         accuracies["reconstructed"] = accuracy(pruned, data, dist)
-        log.info("step %d: top-1 %s %% after least-squares reconstruction", step, accuracies["reconstructed"].top1)
+        log.info("step %d: top-1 %s %% after least-squares reconstruction", step, _pct(accuracies["reconstructed"].top1))
     if cfg.bn_recalibration_samples:
         loader = data.calibration_loader(cfg.bn_recalibration_samples, seed=recipe.data.seed + step)
         recalibrate_batchnorm(pruned, loader, cfg.bn_recalibration_samples, dist.device)
         accuracies["bn_recalibrated"] = accuracy(pruned, data, dist)
-        log.info("step %d: top-1 %s %% after BN re-calibration", step, accuracies["bn_recalibrated"].top1)
+        log.info("step %d: top-1 %s %% after BN re-calibration", step, _pct(accuracies["bn_recalibrated"].top1))
     report = PruneStep(
         keep=keep, keep_relative=result.report["target"], method=result.report["method"],
         allocation=result.report["allocation"], epsilon=result.report["epsilon"],
@@ -163,6 +173,14 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
         unscored_groups=result.report["unscored_groups"], skipped_groups=result.report["skipped_groups"],
         reconstruction=to_jsonable(repaired), accuracy=accuracies)
     return pruned, plan.then(result.plan), {"report": report.to_dict()}
+
+
+def heldout_batches(data: DataBundle, n: int, seed: int) -> list:
+    """A seeded draw of n validation images, in memory (read twice: before and after the refit)."""
+    if n <= 0:
+        return []
+    subset = calibration_subset(data.val_loader.dataset, min(n, len(data.val_loader.dataset)), seed)
+    return list(make_loader(subset, data.batch_size, shuffle=False))
 
 
 def sensitivities(model: nn.Module, calibration, progress: bool) -> dict[str, torch.Tensor]:
@@ -313,3 +331,7 @@ def merged_widths(steps: list[PruneStep]) -> list[GroupWidth]:
 def _percent(record: Mapping) -> dict:
     """A fine-tuning history record with accuracies in percent, like the rest of the report."""
     return {k: (100.0 * v if k in ("val_top1", "val_top5") and v is not None else v) for k, v in record.items()}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
 from benchmarks import compare  # noqa: E402
@@ -38,18 +37,19 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout, seconds
 
 
-@pytest.mark.slow  # the whole --quick benchmark run (~35 s); the scorer tests below stay in the default suite
+@pytest.mark.slow  # the whole --quick benchmark run (~30 s); the tests below it stay in the default suite
 def test_quick_writes_all_outputs(quick_run):
     out, stdout, seconds = quick_run
     results = json.loads((out / "results.json").read_text())
     assert "command: python -m benchmarks.compare --quick --threads 1" in stdout
     assert "machine:" in stdout and results["environment"]["cpu_model"]
-    assert results["versions"]["torch_pruning"] and results["versions"]["onnxruntime"]
+    assert results["versions"]["torch_pruning"] and results["versions"]["torch"]
     for model in results["settings"]["models"]:
         png = out / f"accuracy_vs_macs_{model}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
-    assert "| method | MACs kept |" in md and "criterion x allocation" in md and "Cascade" in md
+    assert "| criterion | allocation | seeds | MACs kept |" in md and "criterion x allocation" in md
+    assert "pruned-only" in md and "+ recon" in md and "+ FT" in md
     print(f"quick run: {seconds:.1f} s")  # shown with pytest -s; the target is < 60 s on 2 idle cores
 
 
@@ -57,29 +57,27 @@ def test_quick_writes_all_outputs(quick_run):
 def test_quick_numbers_are_sane(quick_run):
     out, _, _ = quick_run
     results = json.loads((out / "results.json").read_text())
+    s = results["settings"]
     assert results["failures"] == []
-    expected = [m for m in compare.QUICK_METHODS
-                if results["notes"] == [] or not (m.startswith("pfp:") or m.endswith(":pfp-alloc"))]
     for model, dense in results["dense"].items():
-        assert 0 <= dense["top1"] <= 100 and dense["macs"] > 0 and dense["latency_p50_ms"] > 0
-        rows = [r for r in results["rows"] if r["model"] == model]
-        assert sorted(r["method"] for r in rows) == sorted(expected)
-        for r in rows:
-            for key in ("top1_pruned", "top1_bn", "top1_ft"):
-                assert 0 <= r[key] <= 100, (model, r["method"], key, r[key])
-            assert abs(r["macs_ratio"] - r["keep_target"]) <= 0.02, (model, r["method"], r["macs_ratio"])
+        assert 0 <= dense["top1"] <= 100 and dense["macs"] > 0
+        cells = [r for r in results["rows"] if r["model"] == model and r["kind"] == "cell"]
+        assert sorted((r["criterion"], r["allocation"]) for r in cells) == sorted(
+            (c, a) for c in s["criteria"] for a in s["allocations"])
+        for r in cells:
+            for key in ("top1_pruned", "top1_recon"):
+                assert 0 <= r[key] <= 100, (model, r["criterion"], r["allocation"], key, r[key])
+            assert abs(r["macs_ratio"] - r["keep_target"]) <= 0.02, (model, r["criterion"], r["macs_ratio"])
             assert 0 < r["macs"] < dense["macs"] and 0 < r["params"] < dense["params"]
-            assert r["latency_p50_ms"] > 0 and r["score_s"] >= 0 and r["prune_s"] > 0
-        by_method = {r["method"]: r for r in rows}
-        if "pfp:deterministic" in by_method and "bn:pfp-alloc" in by_method:
-            # pfp-alloc must differ from PFP only in *which* channels: the allocation is PFP's own
-            assert by_method["bn:pfp-alloc"]["widths"] == by_method["pfp:deterministic"]["widths"]
+            assert r["prune_s"] >= 0 and r["reconstruction_s"] > 0
+        fts = [r for r in results["rows"] if r["model"] == model and r["kind"] == "ft"]
+        # every criterion (its best allocation, with reconstruction) + pfp/paper/none + the default
+        assert {r["criterion"] for r in fts if r["reconstruct"] == "least_squares"} == set(s["criteria"])
+        configs = {(r["criterion"], r["allocation"], r["reconstruct"]) for r in fts}
+        assert {("pfp", "paper", "none"), ("pfp", "cost_aware", "least_squares")} <= configs
+        assert all(0 <= r["top1_ft"] <= 100 and r["finetune_s"] > 0 for r in fts)
     for entry in results["summary"]:
-        assert entry["top1_ft"]["n"] >= 1 and 0 <= entry["top1_ft"]["mean"] <= 100
-    for cascade in results["cascade"]:
-        for stage in cascade["stages"]:
-            assert abs(stage["macs_ratio"] - stage["target"]) <= 0.02
-            assert 0 <= stage["top1_ft"] <= 100
+        assert entry["top1_recon"]["n"] == 1
 
 
 class Tiny(nn.Module):
@@ -137,3 +135,32 @@ def test_taylor_scorer_leaves_no_gradient_behind():
     assert all(p.grad is None for p in model.parameters())
     second = compare.make_scorer("taylor", model, batches[1], seed=1, need_vector=True)(group)
     assert not torch.allclose(first, second)
+
+
+def test_repair_is_what_prune_reconstructs():
+    """One removal gives both columns: repair() of the pruned-only model equals prune(reconstruct=least_squares)."""
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    example = torch.randn(1, 1, 8, 8)
+    calibration = [(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))) for _ in range(2)]
+    kwargs = dict(keep=0.5, method="l1", allocation="uniform", seed=0)
+    plain = compare.pfp_prune(model, calibration, example, reconstruct="none", **kwargs)
+    fitted = compare.pfp_prune(model, calibration, example, reconstruct="least_squares", **kwargs)
+    repaired, info = compare.repair(model, plain.model, plain.plan, calibration, example)
+    x = torch.randn(4, 1, 8, 8)
+    assert info["reconstruction_s"] > 0
+    assert torch.allclose(repaired(x), fitted.model.eval()(x), atol=1e-5)
+    assert not torch.allclose(plain.model.eval()(x), repaired(x), atol=1e-3)  # it did change something
+
+
+def test_slot_plan_and_finetune_selection():
+    s = compare.Settings(keeps=[0.7, 0.5, 0.3], seeds=3, full_grid=[0.5, 0.3])
+    assert compare.slot_plan(s) == [(0.5, 0), (0.3, 0), (0.5, 1), (0.7, 0), (0.5, 2)]
+    assert len(compare.cells_of_slot(s, 0.5, 0)) == len(compare.CRITERIA) * len(compare.ALLOCATIONS)
+    assert set(compare.cells_of_slot(s, 0.5, 1)) == set(compare.CORE_CELLS)
+    rows = [{"kind": "cell", "model": "m", "criterion": c, "allocation": a, "keep_target": 0.5, "seed": 0,
+             "top1_recon": 50.0 + (10 if a == "uniform" else 0) + i} for i, c in enumerate(compare.CRITERIA)
+            for a in compare.ALLOCATIONS]
+    chosen = compare.finetune_selection(s, rows, "m", 0.5, seed=1)  # judged on seed 0's rows
+    assert chosen[:len(compare.CRITERIA)] == [(c, "uniform", "least_squares") for c in compare.CRITERIA]
+    assert set(chosen[len(compare.CRITERIA):]) == set(compare.REFERENCE_FT)  # paper's, torch-pruning's, the default

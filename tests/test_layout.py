@@ -90,3 +90,13 @@ def test_no_class_name_defined_twice():
             if isinstance(node, ast.ClassDef):
                 where[node.name].append(name)
     assert {k: v for k, v in where.items() if len(v) > 1} == {}
+
+
+def test_every_benchmark_script_imports():
+    """benchmarks/ use the library's internals; a moved name must break a test, not the next benchmark run."""
+    import importlib
+
+    scripts = sorted(p.stem for p in (PACKAGE.parent / "benchmarks").glob("*.py") if p.stem != "__init__")
+    assert "compare" in scripts
+    for name in scripts:
+        importlib.import_module(f"benchmarks.{name}")

@@ -42,7 +42,10 @@ def test_optimize_writes_every_artifact_and_passes(finished):
     assert set(report["accuracy"]) == {"dense", "pruned_only", "reconstructed", "bn_recalibrated", "finetuned"}
     layers = report["prune"]["steps"][0]["reconstruction"]["layers"]  # the per-layer certificate
     assert layers and all(layer["error_after"] <= layer["error_before"] + 1e-9 for layer in layers)
-    assert "### Reconstruction" in (run / "report.md").read_text()
+    # ... and on held-out validation images the refit never saw (every layer, both sides measured).
+    assert report["prune"]["steps"][0]["reconstruction"]["heldout_samples"] > 0
+    assert all(layer["heldout_before"] >= 0 and layer["heldout_after"] >= 0 for layer in layers)
+    assert "### Reconstruction" in (run / "report.md").read_text() and "Held-out after" in (run / "report.md").read_text()
     # Synthetic data is marked, and its accuracy is never gated.
     assert report["data"]["meaningful_accuracy"] is False
     assert "not meaningful" in (run / "report.md").read_text()

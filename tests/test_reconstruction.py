@@ -401,3 +401,34 @@ def _worker(out_dir: Path) -> None:  # run by torchrun: each rank reconstructs f
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+# ------------------------------------------------------------------ held-out per-layer errors
+
+def test_layer_errors_match_an_explicit_computation_and_leave_the_models_alone():
+    from pfp_deploy.reconstruction import IndexMap, layer_errors
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5)).eval()
+    pruned = copy.deepcopy(dense).train()
+    with torch.no_grad():
+        pruned[2].weight.add_(0.1 * torch.randn_like(pruned[2].weight))  # only the 1x1 conv differs
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    maps = {"0": IndexMap(None, None), "2": IndexMap(None, None), "4": IndexMap(None, None)}
+    errors = layer_errors(dense, pruned, batches, maps)
+    assert errors["0"] == 0.0 and errors["2"] > 0 and errors["4"] > 0  # upstream error reaches the Linear
+    x = torch.cat(batches)
+    with torch.no_grad():
+        hidden = dense[1](dense[0](x))
+        want = (pruned[2](hidden) - dense[2](hidden)).norm() / dense[2](hidden).norm()
+    assert errors["2"] == pytest.approx(float(want), rel=1e-5)
+    assert pruned.training and not dense.training  # train/eval flags came back
+    kept = IndexMap(None, torch.tensor([0, 2]))  # a layer that kept output channels 0 and 2 of 4
+    head = dense[:3]  # conv -> relu -> 1x1 conv, the last one pruned to 2 of its 4 outputs below
+    small = copy.deepcopy(head)
+    small[2] = nn.Conv2d(8, 2, 1)
+    with torch.no_grad():
+        small[2].weight.copy_(head[2].weight[[0, 2]])
+        small[2].bias.copy_(head[2].bias[[0, 2]])
+    assert layer_errors(head, small, batches, {"2": kept})["2"] == pytest.approx(0.0, abs=1e-7)

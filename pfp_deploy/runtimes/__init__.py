@@ -1,8 +1,9 @@
 """Inference runtimes: one file each in this package, registered with `@register_runtime`.
 
 A `Runtime` says which export it runs (`export_format`: None runs the torch model itself), which
-devices it knows and how they are spelled, which precisions and performance hints it takes, whether
-its package is installed, and how to build a `pfp_deploy.bench.Runner`. Everything that names a
+devices it knows and how they are spelled, which precisions and performance hints it takes, which
+extra settings of OPTIONS it takes (`options`: torch's `graph` and `memory_format`), whether its
+package is installed, and how to build a `pfp_deploy.bench.Runner`. Everything that names a
 runtime goes through this registry: the recipe (`checks.targets[*].runtime` and the settings of a
 target), `checks.run_targets` (which exported file to measure) and `make_runner`.
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from pfp_deploy.bench import Runner
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+# Settings only some runtimes take (Runtime.options), e.g. torch's CUDA graphs; None everywhere means "unset".
+OPTIONS = ("graph", "memory_format")
 # make_runner's keyword for each built-in export format (source= works for every format).
 _SOURCE_KEYWORDS = {None: "model", "onnx": "onnx_path", "openvino": "openvino_xml"}
 
@@ -60,6 +63,9 @@ class Runtime:
     default_device: ClassVar[str | None] = "CPU"  # None: the runtime picks (onnxruntime: its provider)
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # a subset of PRECISIONS
     hints: ClassVar[tuple[str, ...]] = ()  # performance hints it takes; the first is the default
+    # Extra settings beyond device/provider/precision/hint (one of OPTIONS each) that it takes; each is
+    # validated by check_option and passed to make_runner as a keyword. Others must be left unset (None).
+    options: ClassVar[tuple[str, ...]] = ()
 
     def parse_device(self, device: str) -> str:
         """Validate `device` and return it spelled the runtime's way; ValueError saying what is valid."""
@@ -71,22 +77,41 @@ class Runtime:
             raise ValueError(f"{self.name} takes no provider (that is an onnxruntime setting); set device instead")
         return None
 
+    def check_option(self, name: str, value: Any, settings: dict[str, Any]) -> Any:
+        """Validate one of `options` (None: its default) given the settings parsed so far (device,
+        provider, precision, hint, earlier options); the value to store, or ValueError."""
+        raise NotImplementedError(f"runtime {self.name} lists option {name} but has no check_option for it")
+
+    def check_precision(self, precision: str, settings: dict[str, Any]) -> str:
+        """Validate `precision` given the parsed device and provider; ValueError saying what is valid."""
+        return self._precision(precision)
+
     def settings(self, *, device: str | None = None, provider: str | None = None, precision: str = "fp32",
-                 hint: str | None = None) -> dict[str, Any]:
-        """{device, provider, precision, hint} validated and spelled this runtime's way, defaults filled.
+                 hint: str | None = None, **options: Any) -> dict[str, Any]:
+        """{device, provider, precision, hint, *self.options} validated and spelled this runtime's way,
+        defaults filled. `options` are the OPTIONS keywords; one this runtime does not take must be None.
 
         Raises SettingsError listing every problem by field. Normalising twice gives the same values."""
         values: dict[str, Any] = {}
         problems: list[tuple[str, str]] = []
-        checks = (("device", lambda: self.default_device if device is None else self.parse_device(str(device).strip())),
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise UsageError(f"unknown runtime setting(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+        checks = [("device", lambda: self.default_device if device is None else self.parse_device(str(device).strip())),
                   ("provider", lambda: self.check_provider(provider, values.get("device"))),
-                  ("precision", lambda: self._precision(precision)),
-                  ("hint", lambda: self._hint(hint)))
-        for key, check in checks:  # in order: the provider sees the parsed device
+                  ("precision", lambda: self.check_precision(precision, values)),
+                  ("hint", lambda: self._hint(hint))]
+        checks += [(name, lambda name=name: self.check_option(name, options.get(name), values)) for name in self.options]
+        for key, check in checks:  # in order: the provider sees the parsed device, options all before them
             try:
                 values[key] = check()
             except ValueError as exc:
                 problems.append((key, str(exc)))
+        for name in OPTIONS:
+            if name not in self.options and options.get(name) is not None:
+                takers = [r.name for r in runtimes() if name in r.options]
+                problems.append((name, f"{self.name} takes no {name} setting (got {options[name]!r}); it is for "
+                                       f"{', '.join(takers) or 'no registered runtime'}"))
         if problems:
             raise SettingsError(problems)
         return values
@@ -132,8 +157,10 @@ class Runtime:
     def make_runner(self, source: Any, *, device: str | None, provider: str | None, threads: int | None,
                     precision: str, hint: str | None) -> Runner:
         """A ready Runner for `source` (the torch model, or the path of its `export_format` file) with
-        settings already validated by `settings`. A package, device or provider missing on this host
-        raises RuntimeUnavailableError; a missing or unreadable file raises ExportError naming it."""
+        settings already validated by `settings` (plus one keyword per entry of `options`, if any). A
+        package, device or provider missing on this host raises RuntimeUnavailableError; a missing or
+        unreadable file raises ExportError naming it. Set the Runner's `executed_on` to what actually
+        runs when the runtime can say (ORT's session provider, the GPU's name)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -169,6 +196,8 @@ def make_runner(
     threads: int | None = None,
     precision: str = "fp32",
     hint: str | None = None,
+    graph: bool | str | None = None,
+    memory_format: str | None = None,
 ) -> Runner:
     """Build a Runner for a registered `runtime` ("torch", "onnxruntime", "openvino", ...) on `device`
     (default: the runtime's, CPU for the built-ins).
@@ -176,9 +205,12 @@ def make_runner(
     What it runs is `source`, or by the runtime's export format: `model` (torch), `onnx_path`
     (onnxruntime), `openvino_xml` (openvino). Unknown names and settings the runtime does not take
     raise UsageError; a runtime, provider or device missing on this host raises
-    RuntimeUnavailableError; a missing or unreadable model file raises ExportError naming it."""
+    RuntimeUnavailableError; a missing or unreadable model file raises ExportError naming it.
+    `graph` (True, False, "auto") and `memory_format` ("auto", "contiguous", "channels_last") are torch's
+    settings (CUDA graphs, NHWC); on a runtime that takes no such setting they must stay None."""
     entry = get_runtime(runtime)
-    settings = entry.settings(device=device, provider=provider, precision=precision, hint=hint)
+    settings = entry.settings(device=device, provider=provider, precision=precision, hint=hint, graph=graph,
+                              memory_format=memory_format)
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be >= 1 (got {threads})")
     fmt = entry.export_format

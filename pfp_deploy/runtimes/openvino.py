@@ -79,4 +79,12 @@ class OpenVinoRuntime(Runtime):
         first_dim = compiled.inputs[0].get_partial_shape()[0]
         return OpenVinoRunner(runtime=self.name, device=device, threads=threads, precision=precision, hint=hint,
                               source=str(path), fixed_batch=first_dim.get_length() if first_dim.is_static else None,
-                              request=compiled.create_infer_request())
+                              executed_on=_execution_devices(compiled, device), request=compiled.create_infer_request())
+
+
+def _execution_devices(compiled: Any, device: str) -> str:
+    """The devices OpenVINO compiled for ("GPU.0"; AUTO picks one), or `device` when it cannot say."""
+    try:
+        return ",".join(compiled.get_property("EXECUTION_DEVICES")) or device
+    except Exception:  # an older OpenVINO or a plugin without the property
+        return device
