@@ -112,6 +112,7 @@ class PruneStep(Artifact):
     keep_relative: float | None = None  # of the step's input model (a cascade step starts below 1)
     method: str | None = None  # the criterion
     allocation: str | None = None
+    allocation_used: str | None = None  # another allocation when the requested one missed the target
     epsilon: float | None = None  # the paper's global ε (allocation: paper)
     epsilon_widths: Any = None  # the ε the chosen widths certify
     achieved: float | None = None

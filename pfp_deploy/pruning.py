@@ -6,6 +6,7 @@ models.load_pruned).
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +46,8 @@ from .plan import (
 from .recipe import validate_section
 from .reconstruction import reconstruct
 from .schema import PruneConfig, ReconstructConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -209,11 +212,12 @@ def prune(
 
     `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs).
     `method` names a registered criterion that chooses which channels each group keeps
-    (pfp_deploy.criteria): "pfp" (the default) for PFP's own sensitivity scores, "l1" (measured
-    0.8-1.3 points better with the default least-squares reconstruction, docs/BENCHMARKS.md §5),
-    "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact method: method="pfp",
+    (pfp_deploy.criteria): "l1" by default (measured 0.8-1.3 points better than PFP's scores with the
+    default least-squares reconstruction on three networks, docs/BENCHMARKS.md §5), "pfp" for PFP's
+    own sensitivity scores (the default when `variant` is "randomized" or "hybrid", which sample by
+    them), "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact method: method="pfp",
     allocation="paper", reconstruct="none". `importance(tp_group) -> Tensor[width]` is a callable of
-    your own that replaces PFP's scores (give it or a non-pfp `method`, not both).
+    your own that replaces the criterion's scores (give it or `method`, not both).
     delta, c and K are the constants of the paper's
     sample complexity (PFP.md §3).
 
@@ -261,7 +265,8 @@ def prune(
         "tolerance": tolerance, "delta": delta, "c": c, "K": K, "reconstruct": reconstruct,
         "allocation": allocation,
         # method: the schema's default (l1; pfp for the sampling variants), or PFP's allocation for importance=
-        **({"method": method} if method is not None else {})},
+        # method: the schema's default (l1; pfp for the sampling variants), or PFP's allocation for importance=
+        **({"method": method} if method is not None else {"method": "pfp"} if importance is not None else {})},
         "prune()")
     keep, metric, variant, round_to, min_channels = cfg.keep, cfg.metric, cfg.variant, cfg.round_to, cfg.min_channels
     max_prune_ratio, ignored_layers, seed, tolerance = cfg.max_prune_ratio, cfg.ignored_layers, cfg.seed, cfg.tolerance
@@ -316,14 +321,18 @@ def prune(
         del stats
     timings["allocation"] = timings["removal"] = 0.0
     measured_passes = 0
+    # The allocations' searches are greedy over rounded widths: one may miss a coarse target another
+    # hits. After 4 measured passes the next is tried (reported as allocation_used), then the error.
+    spends = [allocation] + [a for a in ("uniform", "paper") if a != allocation]
+    spend = spends.pop(0)
     while True:  # re-allocate with the measured residual (4 passes at most) or without broken groups
         try:
             widths, eps = pfp_allocation.allocate(budgets, cost, target, tolerance=0.5 * allowed)
         except TargetUnattainableError as exc:
             raise TargetUnattainableError(f"{exc}{_skipped_note(skipped)}") from None
-        if allocation == "uniform":
+        if spend == "uniform":
             widths = cost_aware.allocate_uniform(budgets, cost, target, tolerance=0.5 * allowed)
-        elif curves is not None:
+        elif spend in cost_aware.GRAM_ALLOCATIONS:
             widths = cost_aware.allocate_by_error(budgets, cost, target, 0.5 * allowed, curves)
         timings["allocation"] += time.perf_counter() - start
         start = time.perf_counter()
@@ -350,8 +359,14 @@ def prune(
         timings["removal"] += time.perf_counter() - start
         start = time.perf_counter()
         measured_passes += 1
-        if abs(measured - target) <= allowed or measured_passes == 4:
+        if abs(measured - target) <= allowed:
             break
+        if measured_passes == 4:
+            if not spends:
+                break
+            log.warning("allocation %s reached %.4g of the dense %s, not %.4g within ±%.2g: trying %s", spend,
+                        measured / dense, metric, keep, allowed / dense, spends[0])
+            spend, measured_passes = spends.pop(0), 0
         cost.correct(cost(widths), measured)
     if abs(measured - target) > allowed:
         floor = _measured_floor(work, groups, budgets, choice_scores, example_inputs, metric, cost)
@@ -363,9 +378,9 @@ def prune(
             "full width): " + ("raise keep or relax those settings" if below else
                                "raise tolerance or lower round_to") + _skipped_note(skipped)
         )
-    eps_widths = eps if allocation == "paper" else cost_aware.certified_epsilon(budgets, widths)
+    eps_widths = eps if spend == "paper" else cost_aware.certified_epsilon(budgets, widths)
     step = {"keep": keep, "metric": metric, "variant": variant, "epsilon": eps, "seed": seed,
-             "allocation": allocation, "epsilon_widths": eps_widths,
+             "allocation": spend, "epsilon_widths": eps_widths,
              "importance": None if importance is None else getattr(importance, "__name__", type(importance).__name__),
              "groups": step_groups}
     repaired = None
@@ -378,7 +393,7 @@ def prune(
     report = {
         "keep": keep, "metric": metric, "variant": variant, "epsilon": eps,
         "method": criterion.name if importance is None or criterion.name != "pfp" else "importance",
-        "allocation": allocation, "epsilon_widths": eps_widths,
+        "allocation": allocation, "allocation_used": spend, "epsilon_widths": eps_widths,
         "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1,
         "target": keep, "achieved": measured / dense, "allowed_deviation": allowed / dense,
         "seconds": {k: round(v, 4) for k, v in timings.items()},

@@ -214,10 +214,11 @@ class ReconstructConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    method: str = Field("pfp", description="Which channels each group keeps: pfp (Provable Filter Pruning, "
-                        "Liebenwein et al. 2020), l1 (measured 0.8-1.3 points better than pfp with least-squares "
-                        "reconstruction at half the MACs, docs/BENCHMARKS.md §5), l2, taylor, fpgm, bn_scale, random, "
-                        "or one registered with pfp_deploy.criteria.register_criterion. Groups, allocation, "
+    method: str = Field("l1", description="Which channels each group keeps: l1 (the default: measured 0.8-1.3 "
+                        "points better than pfp with least-squares reconstruction at half the MACs, "
+                        "docs/BENCHMARKS.md §5), pfp (Provable Filter Pruning, Liebenwein et al. 2020; the default "
+                        "when variant is randomized or hybrid), l2, taylor, fpgm, bn_scale, random, or one "
+                        "registered with pfp_deploy.criteria.register_criterion. Groups, allocation, "
                         "reconstruction and removal are the same for every method.")
     variant: Literal["deterministic", "randomized", "hybrid"] = Field(
         "deterministic", description="deterministic: keep the top channels by sensitivity (the "
@@ -279,6 +280,8 @@ class PruneConfig(_Strict):
 
     @model_validator(mode="after")
     def _variant_is_pfps(self) -> PruneConfig:
+        if self.variant != "deterministic" and "method" not in self.model_fields_set:
+            _fill(self, "method", "pfp")  # the sampling variants are PFP's: they imply its scores
         if self.method != "pfp" and self.variant != "deterministic":
             raise _Problems([("variant", f"{self.variant} samples channels by PFP's sensitivities; with method "
                               f"{self.method} the criterion's scores choose them: use variant: deterministic")])

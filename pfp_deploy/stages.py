@@ -167,7 +167,8 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
         log.info("step %d: top-1 %s %% after BN re-calibration", step, _pct(accuracies["bn_recalibrated"].top1))
     report = PruneStep(
         keep=keep, keep_relative=result.report["target"], method=result.report["method"],
-        allocation=result.report["allocation"], epsilon=result.report["epsilon"],
+        allocation=result.report["allocation"], allocation_used=result.report["allocation_used"],
+        epsilon=result.report["epsilon"],
         epsilon_widths=to_jsonable(result.report["epsilon_widths"]), achieved=achieved, macs=macs, params=params,
         seconds={**result.report["seconds"], "sensitivity": round(seconds, 4)}, groups=result.report["groups"],
         unscored_groups=result.report["unscored_groups"], skipped_groups=result.report["skipped_groups"],

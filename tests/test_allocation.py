@@ -101,3 +101,16 @@ def test_bad_allocation_name_suggests_the_right_one(toy):
     with pytest.raises(RecipeError, match='Did you mean "cost_aware"'):
         validate_section(PruneConfig, {"allocation": "cost-aware"}, "prune")
     assert validate_section(PruneConfig, {"allocation": "paper"}, "prune").allocation == "paper"
+
+
+def test_a_missed_coarse_target_falls_back_to_another_allocation():
+    """Greedy searches over rounded widths can miss a coarse target: prune() then tries the next
+    allocation (reported as allocation_used) instead of failing. This case (l1 scores, 16 px ResNet-20,
+    round_to 16, keep 0.7) is one the cost-aware search misses."""
+    torch.manual_seed(0)
+    model = resnet20(num_classes=4).eval()
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    result = prune(model, calib, torch.zeros(1, 3, 16, 16), keep=0.7, round_to=16, method="l1")
+    report = result.report
+    assert report["allocation"] == "cost_aware" and report["allocation_used"] == "uniform"  # measured: 0.688
+    assert abs(report["achieved"] - 0.7) <= 0.01 and result.plan.steps[0]["allocation"] == "uniform"

@@ -25,6 +25,12 @@ def name_problems(cfg: Any, kind: str) -> list[tuple[str, str]]:
     return [("name", f"unknown {what} {cfg.name!r}.{hint} Builtins: {', '.join(known_model_names('builtin'))}")]
 
 
+def build_named(cfg: Any, weights: str | None, num_classes: int | None, in_channels: int, source: str) -> nn.Module:
+    """model.name's architecture, with the state_dict file `weights` loaded when given."""
+    model, arch = named_architecture(cfg, num_classes, in_channels)
+    return load_weights(model, weights, arch, num_classes, in_channels, source) if weights else model
+
+
 @register_model_source
 class Torchvision(ModelSource):
     name = "torchvision"
@@ -38,8 +44,7 @@ class Torchvision(ModelSource):
     def build(self, cfg: Any, num_classes: int | None, in_channels: int) -> nn.Module:
         if cfg.weights and weights_is_tag(cfg.weights) and cfg.name not in known_model_names("builtin"):
             return torchvision_pretrained(cfg.name, cfg.weights, num_classes, in_channels, dict(cfg.kwargs or {}))
-        model, arch = named_architecture(cfg, num_classes, in_channels)
-        return load_weights(model, cfg.weights, arch, num_classes, in_channels, self.name) if cfg.weights else model
+        return build_named(cfg, cfg.weights, num_classes, in_channels, self.name)
 
 
 @register_model_source
@@ -53,8 +58,7 @@ class Builtin(ModelSource):
         return name_problems(cfg, "builtin")
 
     def build(self, cfg: Any, num_classes: int | None, in_channels: int) -> nn.Module:
-        model, arch = named_architecture(cfg, num_classes, in_channels)
-        return load_weights(model, cfg.weights, arch, num_classes, in_channels, self.name) if cfg.weights else model
+        return build_named(cfg, cfg.weights, num_classes, in_channels, self.name)
 
 
 @register_model_source
@@ -70,5 +74,4 @@ class Checkpoint(ModelSource):
         return problems
 
     def build(self, cfg: Any, num_classes: int | None, in_channels: int) -> nn.Module:
-        model, arch = named_architecture(cfg, num_classes, in_channels)
-        return load_weights(model, cfg.path, arch, num_classes, in_channels, self.name)
+        return build_named(cfg, cfg.path, num_classes, in_channels, self.name)
