@@ -18,11 +18,18 @@ data:
 	@test -d $(FMNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	  || echo "warning: could not install dataset-fashion-mnist (needs root and Debian's package index)"
 
+# One pytest worker per core (pytest-xdist); a test file stays on one worker, so its module fixtures
+# are built once. TEST_WORKERS=0 runs everything in this process (for pdb, or one-core machines).
+# One intra-op thread per worker (and per process a test starts): the tests are sized for it, and
+# two workers with all-core thread pools each (torch, ONNX Runtime) slow each other down.
+TEST_WORKERS ?= auto
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-all: $(STAMP) data
-	$(BIN)/python -m pytest -q --runslow
+	$(PYTEST) --runslow
 
 # The main job: a real optimize run on Fashion-MNIST from the shipped trained ResNet-20 (prune, repair, fine-tune, export, gate).
 demo: $(STAMP) data

@@ -3,7 +3,7 @@
 Every cell prunes a dense model to a fraction of its MACs with pfp_deploy.pruning.prune() and measures
 the three stages separately:
 
-  top-1 pruned-only    channels removed, nothing repaired (reconstruct="none")
+  top-1 pruned-only    the same plan's channels removed, nothing repaired (no refit)
   top-1 + recon        the same channels, then least-squares refit on the calibration set (no training)
   top-1 + fine-tune    the +recon model (or the pruned-only one, for the cells marked so) after one
                        fixed short fine-tune: the same epochs, images, optimizer and seed for every method
@@ -68,17 +68,16 @@ from pfp_deploy.data import (
     seeded_indices,
 )
 from pfp_deploy.finetune import FinetuneConfig, evaluate, finetune
+from pfp_deploy.plan import apply_plan
 from pfp_deploy.pruning import count_cost
 from pfp_deploy.pruning import prune as pfp_prune
 from pfp_deploy.recipe import DataConfig, TrainConfig
-from pfp_deploy.reconstruction import reconstruct
 from pfp_deploy.report import write_json_atomic
-from pfp_deploy.schema import ReconstructConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_RESNET20 = REPO / "weights" / "resnet20_fashion_mnist.pt"
-CRITERIA = ("pfp", "l1", "l2", "fpgm", "bn_scale", "taylor", "random")
-ALLOCATIONS = ("paper", "uniform", "cost_aware")
+CRITERIA = ("pfp", "lsq", "l1", "l2", "fpgm", "bn_scale", "taylor", "random")
+ALLOCATIONS = ("paper", "uniform", "cost_aware", "cost_aware_norefit")
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet20": lambda: BUILTIN_MODELS["resnet20"](num_classes=10, in_channels=1),
     "vgg_small": lambda: BUILTIN_MODELS["vgg_small"](num_classes=10, in_channels=1, image_size=(28, 28)),
@@ -87,11 +86,12 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 # Outside the full grid (other seeds, other keeps) only these (criterion, allocation) cells run, plus the
 # fine-tuned ones: every criterion under the default allocation, the allocation study on pfp and l2, and
 # torch-pruning's usual l1/uniform.
-CORE_CELLS = ([(c, "cost_aware") for c in CRITERIA] + [("pfp", "paper"), ("pfp", "uniform"), ("l2", "paper"),
-                                                        ("l2", "uniform"), ("l1", "uniform")])
+CORE_CELLS = ([(c, a) for a in ("cost_aware", "cost_aware_norefit") for c in CRITERIA]
+              + [("pfp", "paper"), ("pfp", "uniform"), ("l2", "paper"), ("l2", "uniform"), ("l1", "uniform"),
+                 ("lsq", "uniform")])
 # the paper's configuration, torch-pruning's usual one, prune()'s default
 REFERENCE_FT = [("pfp", "paper", "none"), ("l1", "uniform", "none"), ("pfp", "cost_aware", "least_squares")]
-CELLS_FORMAT = 2  # bump when a row's meaning changes, so stale cells.jsonl rows are not reused
+CELLS_FORMAT = 3  # bump when a row's meaning changes, so stale cells.jsonl rows are not reused
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -320,38 +320,28 @@ def calibration_batches(s: Settings, data: Data, dense: nn.Module, seed: int) ->
     return list(zip(x.split(s.batch_size), y.split(s.batch_size)))
 
 
-def repair(dense: nn.Module, pruned: nn.Module, plan: Any, calibration: list,
-           example: torch.Tensor) -> tuple[nn.Module, dict]:
-    """Least-squares reconstruction of a copy of `pruned`, exactly what prune(reconstruct="least_squares")
-    runs after removal (same function, the recipe defaults of ReconstructConfig), so that one removal
-    gives both the pruned-only and the reconstructed model (checked in tests/test_compare_quick.py)."""
-    cfg = ReconstructConfig()
-    model = copy.deepcopy(pruned)
-    started = time.perf_counter()
-    result = reconstruct(dense, model, calibration, plan=plan, example_inputs=example, ridge=cfg.ridge,
-                         layers=cfg.layers, max_memory_mb=cfg.max_memory_mb, underdetermined=cfg.underdetermined)
-    return model.eval(), {"reconstruction_s": time.perf_counter() - started, "refit_layers": len(result.layers),
-                          "refit_skipped": [d.get("name") for d in result.skipped]}
-
-
 def run_cell(model_name: str, criterion: str, allocation: str, keep: float, seed: int, dense: nn.Module,
              dense_cost: tuple[int, int], calibration: list, data: Data, s: Settings, shared: dict
              ) -> tuple[dict, tuple[nn.Module, nn.Module]]:
-    """prune(reconstruct="none") -> top-1 -> least squares -> top-1. `shared` holds the (model, seed)
-    sensitivity pass, computed by the first cell and lent to the others (its time is reported once per
-    (model, seed) as sensitivity_s, not in every cell)."""
+    """prune() with its default least-squares reconstruction -> top-1; the same plan applied to the
+    dense model without the refit -> top-1 pruned-only. (Pruning with reconstruct="none" instead would
+    change the cost-aware allocation, whose error model assumes the refit the pipeline runs.) `shared`
+    holds the (model, seed) sensitivity pass, computed by the first cell and lent to the others (its
+    time is reported once per (model, seed) as sensitivity_s, not in every cell)."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = pfp_prune(dense, calibration, data.example, keep=keep, metric="macs", method=criterion,
-                           allocation=allocation, reconstruct="none", seed=seed, tolerance=s.tolerance,
+                           allocation=allocation, seed=seed, tolerance=s.tolerance,
                            sensitivities=shared.get("sensitivities"))
     seconds = dict(result.report.get("seconds") or {})
     if "sensitivities" not in shared:
         shared["sensitivities"] = result.sensitivities
         shared["sensitivity_s"] = float(seconds.get("sensitivity") or 0.0)
-    pruned = result.model.eval()
-    macs, params = count(pruned, data.example)
+    repaired = result.model.eval()
+    pruned = pruned_only(dense, result.plan, data.example)
+    macs, params = count(repaired, data.example)
+    reconstruction = result.report.get("reconstruction") or {}
     row = {"kind": "cell", "model": model_name, "criterion": criterion, "allocation": allocation, "keep_target": keep,
            "seed": seed, "macs": macs, "params": params, "macs_ratio": macs / dense_cost[0],
            "params_ratio": params / dense_cost[1], "calibration_images": sum(len(y) for _, y in calibration),
@@ -359,13 +349,19 @@ def run_cell(model_name: str, criterion: str, allocation: str, keep: float, seed
            "skipped_groups": result.report.get("skipped_groups", []),
            "epsilon": result.report.get("epsilon"), "epsilon_widths": result.report.get("epsilon_widths"),
            "criterion_s": float(seconds.get("criterion") or 0.0), "allocation_s": float(seconds.get("allocation") or 0.0),
-           "removal_s": float(seconds.get("removal") or 0.0), "sensitivity_s": shared["sensitivity_s"]}
+           "removal_s": float(seconds.get("removal") or 0.0), "sensitivity_s": shared["sensitivity_s"],
+           "reconstruction_s": float(seconds.get("reconstruction") or 0.0),
+           "refit_layers": len(reconstruction.get("layers") or []),
+           "refit_skipped": [d.get("name") for d in reconstruction.get("skipped") or []]}
     row["prune_s"] = row["criterion_s"] + row["allocation_s"] + row["removal_s"]
     row["top1_pruned"] = top1(pruned, data)
-    repaired, info = repair(dense, pruned, result.plan, calibration, data.example)
-    row.update(info)
     row["top1_recon"] = top1(repaired, data)
     return row, (pruned, repaired)
+
+
+def pruned_only(dense: nn.Module, plan: Any, example: torch.Tensor) -> nn.Module:
+    """`plan`'s channels removed from a copy of `dense`, nothing refit: the pruned-only column."""
+    return apply_plan(dense, plan, example).eval()
 
 
 def finetune_cfg(s: Settings, seed: int) -> FinetuneConfig:

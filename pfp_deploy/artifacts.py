@@ -121,6 +121,7 @@ class PruneStep(Artifact):
     seconds: dict[str, float] = {}
     groups: list[GroupWidth] = []
     unscored_groups: list[str] = []
+    criterion_fallback: list[str] = []  # groups the criterion could not rank, ranked by L1 instead (lsq)
     skipped_groups: list[SkippedGroup] = []
     reconstruction: Reconstruction | None = None
     accuracy: dict[str, Accuracy] = {}  # pruned_only / reconstructed / bn_recalibrated

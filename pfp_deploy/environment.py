@@ -10,6 +10,32 @@ from pathlib import Path
 import torch
 
 
+def import_openvino():
+    """`import openvino` with OpenVINO's telemetry off for this process.
+
+    openvino sends a usage event on import and on every conversion unless the user opted out
+    (`opt_in_out --opt_out`): each event forks a helper process that tries to reach Google
+    Analytics. A deployment tool must not phone home on its users' behalf, and offline (CI, air-gapped
+    hosts) the forked helper lingers with copies of the parent's open files (a run directory's lock
+    among them). Its consent check skips CI jobs (CI=true), so the first import, which creates the
+    per-process telemetry object, runs with that set; the environment is restored at once, so
+    child processes and the user's own later imports see nothing changed."""
+    import sys
+
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        import openvino
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
+    return openvino
+
+
 def package_version(name: str) -> str | None:
     # importlib.metadata reads the installed version without importing the (heavy) package.
     try:
@@ -65,9 +91,7 @@ def environment() -> dict:
     except ImportError:
         info["onnxruntime_providers"] = None
     try:
-        import openvino
-
-        info["openvino_devices"] = openvino.Core().available_devices
+        info["openvino_devices"] = import_openvino().Core().available_devices
     except ImportError:
         info["openvino_devices"] = None
     return info

@@ -88,7 +88,9 @@ def export_openvino(onnx_path_or_model: str | os.PathLike | torch.nn.Module, exa
     """Convert an ONNX file (or a model, exported to ONNX first) to OpenVINO IR in out_dir; return model.xml.
 
     Weights are stored as FP32 unless fp16=True."""
-    import openvino as ov
+    from .environment import import_openvino
+
+    ov = import_openvino()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -152,6 +153,25 @@ class LockedError(OSError):
         self.path, self.holder = path, holder
 
 
+_HELD_LOCKS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, a library's helper process): close the copies of the
+    parent's lock descriptors. A flock belongs to the open file, so a child that outlives the run
+    would otherwise keep its directory locked; closing a copy (no LOCK_UN) leaves the parent's lock."""
+    for lock in list(_HELD_LOCKS):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class FileLock:
     """An exclusive advisory lock (flock) on `path`, held until release() or the process ends.
 
@@ -176,12 +196,14 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.write(fd, self.holder.encode())
         self._fd = fd
+        _HELD_LOCKS.add(self)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock; the file stays (unlinking it would race)
             self._fd = None
+            _HELD_LOCKS.discard(self)
 
     def __del__(self) -> None:  # a lock dropped without release() must not outlive its owner object
         self.release()

@@ -157,6 +157,31 @@ def _resolve_amp(amp: str | bool, device: torch.device) -> bool:
     return bool(amp)
 
 
+def _resolve_channels_last(setting: str | bool, device: torch.device, model: nn.Module) -> bool:
+    """channels_last for conv nets: auto = on for CPU, where it was measured faster (schema)."""
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if setting == "auto":
+        return has_conv and device.type == "cpu"
+    return bool(setting) and has_conv
+
+
+def inference_teacher(teacher: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """A frozen copy of the teacher for distillation: eval mode, on `device`, each Conv2d -> BatchNorm2d
+    pair folded into one conv (exact in eval mode) when torch.fx can trace the model, and in
+    channels_last if asked. The caller's teacher is left as it was (device, modes, weights)."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    frozen = copy.deepcopy(teacher).eval()
+    try:
+        frozen = fuse(frozen)  # symbolic tracing: a model with data-dependent control flow stays unfused
+    except Exception as exc:  # noqa: BLE001 (any tracing failure: the unfused copy is still exact)
+        logger.debug("distillation teacher not fused (%s); using it as is", exc)
+    frozen.requires_grad_(False).to(device)
+    return frozen.to(memory_format=torch.channels_last) if channels_last else frozen
+
+
 def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int:
     try:
         n = len(loader)  # type: ignore[arg-type]
@@ -361,8 +386,11 @@ def finetune(
         raise UsageError(f"finetune.distill is enabled (alpha {cfg.distill.alpha}) but no teacher model was "
                          "given; pass teacher=... or set distill.enabled: false.")
     teacher = teacher if distills(cfg) else None  # skip the teacher's forward when unused
+    channels_last = _resolve_channels_last(cfg.channels_last, device, model)
 
     model.to(device)
+    if channels_last:  # before the optimizer: its momentum buffers take the parameters' layout
+        model.to(memory_format=torch.channels_last)
     if dist.active:
         train_loader, val_loader = _shard_loaders(train_loader, val_loader, dist, cfg.seed)
     steps = _steps_per_epoch(train_loader, cfg)
@@ -388,9 +416,8 @@ def finetune(
         if record["val_top1"] is not None and (best_top1 is None or record["val_top1"] > best_top1):
             best_epoch, best_top1 = record["epoch"], record["val_top1"]
 
-    teacher_modes = saved_modes(teacher) if teacher is not None else []
     if teacher is not None:
-        teacher.to(device).eval()
+        teacher = inference_teacher(teacher, device, channels_last)
     train_model: nn.Module = model
     if dist.active:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -409,7 +436,7 @@ def finetune(
             _seed_epoch(train_loader, cfg.seed, epoch, dist.rank)
             train_loss, lr = _train_one_epoch(
                 train_model, train_loader, optimizer, scheduler, scaler, teacher, cfg, device, use_amp,
-                dist, epoch, steps, progress and dist.is_main, last_path)
+                dist, epoch, steps, progress and dist.is_main, last_path, channels_last)
             if dist.active:
                 average_buffers(model)  # BN stats drift apart per rank; evaluate and save one model
             due = epoch % cfg.eval_every == 0 or epoch == cfg.epochs  # the last epoch is always evaluated
@@ -441,8 +468,8 @@ def finetune(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
     finally:
-        if teacher is not None:
-            restore_modes(teacher, teacher_modes)
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)  # the caller's layout again
 
     return FinetuneResult(history=history, best_epoch=best_epoch, best_top1=best_top1,
                           final=dict(history[-1]) if history else {}, resumed_from=resumed_from,
@@ -484,7 +511,7 @@ def _train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.
                      scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                      teacher: nn.Module | None, cfg: TrainConfig, device: torch.device, use_amp: bool,
                      dist: DistContext, epoch: int, steps: int, show_progress: bool,
-                     last_path: Path | None) -> tuple[float, float]:
+                     last_path: Path | None, channels_last: bool = False) -> tuple[float, float]:
     """One pass over ``steps`` batches; returns (mean train loss, lr of the last step)."""
     model.train()
     loss_total, done, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
@@ -492,6 +519,8 @@ def _train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.
     try:
         for step, batch in enumerate(itertools.islice(loader, steps), start=1):
             inputs, targets = _split_batch(batch, device)
+            if channels_last and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits = model(inputs)
                 teacher_logits = None

@@ -212,10 +212,12 @@ def prune(
 
     `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs).
     `method` names a registered criterion that chooses which channels each group keeps
-    (pfp_deploy.criteria): "l1" by default (measured 0.8-1.3 points better than PFP's scores with the
-    default least-squares reconstruction on three networks, docs/BENCHMARKS.md §5), "pfp" for PFP's
-    own sensitivity scores (the default when `variant` is "randomized" or "hybrid", which sample by
-    them), "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact method: method="pfp",
+    (pfp_deploy.criteria): "lsq" by default (greedy least-squares selection from the calibration
+    Gram matrices; with the default allocation and reconstruction it matched or beat "l1" on three
+    networks at half the MACs and was the best measured criterion at 30 %, docs/BENCHMARKS.md §5),
+    "pfp" for PFP's own sensitivity scores (the default when `variant` is "randomized" or "hybrid",
+    which sample by them), "l1", "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact
+    method: method="pfp",
     allocation="paper", reconstruct="none". `importance(tp_group) -> Tensor[width]` is a callable of
     your own that replaces the criterion's scores (give it or `method`, not both).
     delta, c and K are the constants of the paper's
@@ -312,12 +314,18 @@ def prune(
     cost = _build_cost_model(positions, groups, metric, dense)
     target = keep * dense
     allowed = accepted_deviation(keep, tolerance) * dense
-    curves = None
-    if allocation in cost_aware.GRAM_ALLOCATIONS:
+    curves, criterion_fallback = None, []
+    if allocation in cost_aware.GRAM_ALLOCATIONS or criterion.needs_gram:
         stats = cost_aware.gram_statistics(work, calibration, sorted({c.name for g in groups for c in g.consumers}))
-        orders = [cost_aware.removal_order(sc, g.ch_groups) for g, sc in zip(groups, choice_scores)]
-        curves = cost_aware.group_curves(groups, stats, orders, repair.ridge,
-                                         refit=allocation == "cost_aware")
+        if criterion.needs_gram:
+            start_greedy = time.perf_counter()
+            choice_scores, criterion_fallback = cost_aware.greedy_scores(groups, stats, choice_scores, repair.ridge)
+            timings["criterion"] = timings.get("criterion", 0.0) + time.perf_counter() - start_greedy
+        if allocation in cost_aware.GRAM_ALLOCATIONS:
+            orders = [cost_aware.removal_order(sc, g.ch_groups) for g, sc in zip(groups, choice_scores)]
+            # cost_aware assumes the least-squares repair that optimize() runs after prune(reconstruct="none")
+            # (stages.prune_step), so `reconstruct` does not change it; cost_aware_norefit does not refit.
+            curves = cost_aware.group_curves(groups, stats, orders, repair.ridge, refit=allocation == "cost_aware")
         del stats
     timings["allocation"] = timings["removal"] = 0.0
     measured_passes = 0
@@ -400,6 +408,7 @@ def prune(
         "groups": [{"name": g["root"], "width_before": g["width_before"], "width_after": g["width_after"]}
                    for g in step_groups],
         "unscored_groups": unscored,
+        "criterion_fallback": criterion_fallback,  # groups the criterion could not rank (L1 ranked them)
         "skipped_groups": skipped,
         "calibration_layers": len(sensitivities),
         "reconstruction": repaired.to_dict() if repaired is not None else {"method": "none"},

@@ -7,6 +7,7 @@ import torch.nn as nn
 from pfp_deploy.errors import RecipeError, UsageError
 from pfp_deploy.models import resnet20
 from pfp_deploy.pfp import cost_aware
+from pfp_deploy.pfp.groups import build_graph, collect_groups, output_layers
 from pfp_deploy.pfp.sensitivity import sensitivity
 from pfp_deploy.pruning import count_cost, prune
 from pfp_deploy.recipe import PruneConfig, validate_section
@@ -85,9 +86,12 @@ def test_cost_aware_prunes_the_redundant_group_more():
     model = Redundant().eval()
     calib = [torch.randn(16, 3, 8, 8)]
     x = torch.randn(1, 3, 8, 8)
-    result = prune(model, calib, x, keep=0.6, allocation="cost_aware", reconstruct="none", tolerance=0.03)
+    result = prune(model, calib, x, keep=0.6, allocation="cost_aware", tolerance=0.03)
     widths = {g["name"]: g["width_after"] for g in result.report["groups"]}
-    assert widths["a"] < widths["b"], widths
+    assert widths["a"] < widths["b"], widths  # copies are free only because the refit restores them:
+    unrepaired = prune(model, calib, x, keep=0.6, allocation="cost_aware_norefit", reconstruct="none", tolerance=0.03)
+    unrepaired_widths = {g["name"]: g["width_after"] for g in unrepaired.report["groups"]}
+    assert unrepaired_widths["a"] > widths["a"], unrepaired_widths  # without it they cost what any channel does
     # the error curve of the redundant group is flat until only the 4 distinct filters remain
     stats = cost_aware.gram_statistics(model, calib, ["b"])
     order = np.arange(16)[::-1]  # copies 4..15 leave first
@@ -114,3 +118,57 @@ def test_a_missed_coarse_target_falls_back_to_another_allocation():
     report = result.report
     assert report["allocation"] == "cost_aware" and report["allocation_used"] == "uniform"  # measured: 0.688
     assert abs(report["achieved"] - 0.7) <= 0.01 and result.plan.steps[0]["allocation"] == "uniform"
+
+
+def test_error_curve_is_the_least_squares_residual_and_no_refit_where_reconstruction_skips():
+    """A Linear consumer with 10 calibration rows and 24 inputs + bias: widths keeping <= 9 inputs
+    are refit (the curve is the explicit least-squares residual), wider ones are underdetermined,
+    so reconstruction skips them and the curve is the error of dropping the columns unrefit."""
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 6)
+    x = torch.randn(10, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64)
+    stats = cost_aware.gram_statistics(nn.Sequential(layer), [x.float()], ["0"])["0"]
+    assert stats.rows == 10 and stats.has_bias
+    order = torch.randperm(24).numpy()
+    curve = cost_aware.consumer_curve(stats, np.arange(24), np.arange(24), order, ridge=0.0)
+
+    a = np.concatenate([x.float().double().numpy(), np.ones((10, 1))], 1)  # the rows gram_statistics saw
+    w = np.concatenate([layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()[:, None]], 1)
+    y = a @ w.T
+    energy = ((y - y.mean(0)) ** 2).sum(0)
+    for removed in (19, 21, 24, 3, 10):  # refit: kept 5, 3, 0 (+ bias); underdetermined: 21, 14
+        kept = np.setdiff1d(np.arange(25), order[:removed])
+        if kept.size <= 10:
+            fit, *_ = np.linalg.lstsq(a[:, kept], y, rcond=None)
+            residual = ((a[:, kept] @ fit - y) ** 2).sum(0)
+        else:
+            residual = ((a[:, order[:removed]] @ w[:, order[:removed]].T) ** 2).sum(0)
+        expected = float((residual / energy).mean())
+        assert curve[removed] == pytest.approx(expected, rel=1e-3, abs=1e-9), removed  # rel: the 1e-6 ridge floor
+
+
+def test_lsq_removes_what_the_refit_restores_first_and_each_step_is_the_best_single_removal():
+    torch.manual_seed(0)
+    model = Redundant().eval()
+    calib = [torch.randn(16, 3, 8, 8)]
+    result = prune(model, calib, torch.randn(1, 3, 8, 8), keep=0.6, method="lsq", tolerance=0.03)
+    assert result.report["method"] == "lsq" and result.report["criterion_fallback"] == []
+    kept_a = next(g["kept"] for g in result.plan.steps[0]["groups"] if g["root"] == "a")
+    assert {k % 4 for k in kept_a} == {0, 1, 2, 3}  # one of each distinct filter survives, copies go first
+
+    graph = build_graph(model, torch.randn(1, 3, 8, 8))
+    groups = {g.root_name: g for g in collect_groups(model, graph, output_layers(graph))[0]}
+    stats = cost_aware.gram_statistics(model, calib, ["b", "c"])
+    order = cost_aware.greedy_order(groups["b"], stats, ridge=1e-3)
+    assert sorted(order.tolist()) == list(range(16))
+    consumer = groups["b"].consumers[0]
+    idx, root = consumer.in_idxs.numpy(), consumer.root_idxs.numpy()
+
+    def first_removal_error(channel):
+        rest = [c for c in range(16) if c != channel]
+        return cost_aware.consumer_curve(stats["c"], idx, root, np.array([channel, *rest]), ridge=1e-3)[1]
+
+    singles = [first_removal_error(c) for c in range(16)]
+    assert first_removal_error(order[0]) == pytest.approx(min(singles), rel=1e-9)
+    l1_first = int(np.argmin(model.b.weight.detach().abs().sum((1, 2, 3)).numpy()))
+    assert first_removal_error(order[0]) <= first_removal_error(l1_first)

@@ -116,6 +116,30 @@ def test_distillation_from_identical_teacher_has_zero_loss():
     assert other.history[0]["train_loss"] > 1e-3
 
 
+def test_the_teacher_is_a_folded_copy_and_both_models_come_back_as_given():
+    """Distillation runs a frozen copy of the teacher (BN folded into the conv, channels_last on CPU):
+    its logits are the teacher's, and the caller's teacher keeps its modes and weights; the student
+    trains in channels_last and is returned in the default layout."""
+    from pfp_deploy.finetune import inference_teacher
+
+    teacher = tiny_net(seed=3).train()  # BN in train mode: the copy must still run it in eval mode
+    with torch.no_grad():
+        teacher.bn.running_mean.uniform_(-1, 1)
+        teacher.bn.running_var.uniform_(0.5, 2)
+    before = copy.deepcopy(teacher.state_dict())
+    frozen = inference_teacher(teacher, torch.device("cpu"), channels_last=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())  # folded
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        expected = copy.deepcopy(teacher).eval()(x)
+        assert torch.allclose(frozen(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+    student = tiny_net()
+    run(student, config(epochs=1, distill_alpha=0.5), teacher=teacher)
+    assert teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert student.conv.weight.is_contiguous()  # back in the default layout
+    assert FinetuneConfig().channels_last == "auto"
+
+
 def test_distillation_mix_and_formula():
     student, teacher = tiny_net(batchnorm=False), tiny_net(seed=3, batchnorm=False)
     teacher.train()

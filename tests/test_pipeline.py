@@ -185,6 +185,7 @@ RESNET50_TINY = [  # the shipped recipe, shrunk: synthetic 32x32 images, random 
 ]
 
 
+@pytest.mark.slow  # 20 s; the default suite's cascade is the tiny two-step one of the torchrun test below
 def test_resnet50_edge_recipe_prunes_in_three_steps(tmp_path):
     """The edge recipe's cascade, overrides and finetune settings execute (no export: see the slow test)."""
     overrides = RESNET50_TINY + ["export.formats=[]", "checks.targets=[{name: torch-cpu, runtime: torch}]"]
@@ -223,6 +224,9 @@ def test_torchrun_two_processes_score_and_prune_like_one(tmp_path):
     is world_size x data.batch_size, so its weights (and the next scores) legitimately differ."""
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(prune={"schedule": [0.7, 0.5]}))
     single = optimize(recipe, output_dir=tmp_path / "single", progress=False)
+    steps = single.report["prune"]["steps"]  # the default suite's cascade: two steps, each fine-tuned
+    assert [s["keep"] for s in steps] == [0.7, 0.5] and len(single.report["finetune"]["steps"]) == 2
+    assert all(abs(s["achieved"] - s["keep"]) <= 0.02 for s in steps), [s["achieved"] for s in steps]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)

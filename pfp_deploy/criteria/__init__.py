@@ -27,6 +27,10 @@ class Criterion:
 
     name: ClassVar[str]  # as written in a recipe (prune.method): lower case, e.g. "l1"
     needs_labels: ClassVar[bool] = False  # True: calibration batches must be (inputs, labels)
+    # True: prune() re-ranks each group from the calibration Gram matrices it already takes for the
+    # cost-aware allocation (cost_aware.greedy_scores); `importance` then ranks only the groups
+    # where that cannot run.
+    needs_gram: ClassVar[bool] = False
     summary: ClassVar[str] = ""  # one line for error messages and docs
 
     def importance(self, model: nn.Module, calibration: Any, seed: int) -> Callable | None:

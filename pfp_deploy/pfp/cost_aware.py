@@ -20,7 +20,8 @@ the residual, per output f,
 (the Schur complement: no forward pass needed). Channels leave a group in the criterion's order
 (lowest score first), so the removed sets are nested prefixes; with L = chol((G^-1)_PP) for the
 group's columns P in that order and Z = L^-1 W_P^T, r(first m columns) is the sum of the first m
-squared rows of Z: one Cholesky and one triangular solve give the whole error(width) curve. Each
+squared rows of Z. L^-1 is read off one Cholesky of G itself (consumer_curve), so one
+factorisation and one matrix product give the whole error(width) curve. Each
 output's residual is divided by that output's dense (centred) energy, so the error is a mean
 relative squared error over output channels, invariant to the per-channel scale BatchNorm applies
 next; a group's curve is the sum over its consumers (a consumer reading several groups is counted
@@ -71,6 +72,7 @@ class ConsumerStats:
     kernel: int            # columns per input channel (kh*kw; 1 for Linear)
     rows: float            # calibration rows accumulated
     has_bias: bool
+    energy: np.ndarray | None = None  # _output_energy's cache
 
     @property
     def diagonal(self) -> bool:
@@ -174,7 +176,14 @@ def removal_order(scores: np.ndarray, ch_groups: int = 1) -> np.ndarray:
 
 
 def _output_energy(stats: ConsumerStats) -> np.ndarray:
-    """Per output: centred dense energy w_f^T (G - s s^T / n) w_f (the variance BatchNorm divides by)."""
+    """Per output: centred dense energy w_f^T (G - s s^T / n) w_f (the variance BatchNorm divides by).
+    Cached on `stats` (F x R^2 work: the curves and the greedy selection both need it)."""
+    if stats.energy is None:
+        stats.energy = _compute_output_energy(stats)
+    return stats.energy
+
+
+def _compute_output_energy(stats: ConsumerStats) -> np.ndarray:
     w, g = stats.weight, stats.gram
     if stats.diagonal:
         energy = (w * w * g[None, :]).sum(1)
@@ -187,10 +196,26 @@ def _output_energy(stats: ConsumerStats) -> np.ndarray:
     return np.maximum(energy, 1e-12 * scale + 1e-300)
 
 
+def _removed_energy(g: np.ndarray, wp: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """No refit: w_R^T G_RR w_R (summed over outputs) for every prefix R of `cols`. With
+    M = G_PP o (W_P^T W_P), prefix k adds M_kk + 2 sum_{j<k} M_kj (the diagonal of M's 2-D
+    cumulative sum, without forming it)."""
+    m = torch.from_numpy(g)[torch.from_numpy(cols)][:, torch.from_numpy(cols)]
+    wt = torch.from_numpy(np.ascontiguousarray(wp))
+    m *= wt.T @ wt
+    added = 2 * torch.tril(m, -1).sum(1) + torch.diagonal(m)
+    return np.concatenate([[0.0], torch.cumsum(added, 0).numpy()])
+
+
 def consumer_curve(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndarray, order: np.ndarray,
                    ridge: float, refit: bool = True) -> np.ndarray:
     """err[j] for j = 0..width: the consumer's mean relative squared output error when the group's
-    first j channels of `order` are removed (its other input columns kept)."""
+    first j channels of `order` are removed (its other input columns kept).
+
+    With refit, a width whose kept columns (+ bias) outnumber the calibration rows takes the
+    no-refit error: reconstruction leaves such an underdetermined layer unchanged (e.g. VGG's
+    flatten -> Linear at the paper's calibration size), so assuming a refit there would let the
+    allocation cut channels that nothing repairs."""
     width = order.size
     rank = np.empty(width, dtype=np.int64)
     rank[order] = np.arange(width)
@@ -208,25 +233,163 @@ def consumer_curve(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndar
         cum = np.concatenate([[0.0], np.cumsum(per_col)])
     elif float(np.trace(g)) <= 0.0:  # the consumer never sees a non-zero input: nothing to lose
         cum = np.zeros(cols.size + 1)
+    elif refit and stats.rows < g.shape[0] - ncols[-2]:  # underdetermined while a channel is left: never refit
+        cum = _removed_energy(g, wp, cols)
     elif refit:
+        # (G^-1)_PP's Cholesky in removal order without forming G^-1: order G as [others, reversed P]
+        # and factor it once, G = L L^T. The trailing block L_22 belongs to reversed P, and with J
+        # the reversal chol((G^-1)_PP) = J L_22^-T J, so Z = J L_22^T J W_P^T: one Cholesky and
+        # one product (3-4x less work than inverting G and factoring the inverse's block).
         total = g.shape[0]
         lam = max(ridge, 1e-6) * float(np.trace(g)) / max(1, total)
-        gt = torch.from_numpy(g) + lam * torch.eye(total, dtype=torch.float64)
-        q = torch.cholesky_inverse(torch.linalg.cholesky(gt))
-        idx = torch.from_numpy(cols)
-        qp = q[idx][:, idx]
-        qp = 0.5 * (qp + qp.T)
-        chol, info = torch.linalg.cholesky_ex(qp)
-        if int(info):
-            chol = torch.linalg.cholesky(qp + 1e-12 * float(torch.trace(qp)) / max(1, qp.shape[0])
-                                         * torch.eye(qp.shape[0], dtype=torch.float64))
-        z = torch.linalg.solve_triangular(chol, torch.from_numpy(np.ascontiguousarray(wp.T)), upper=False).numpy()
-        cum = np.concatenate([[0.0], np.cumsum((z * z).sum(1))])
-    else:  # no refit: w_R^T G_RR w_R for nested prefixes, from the 2-D cumulative sum
-        m = g[np.ix_(cols, cols)] * (wp.T @ wp)
-        c2 = m.cumsum(0).cumsum(1)
-        cum = np.concatenate([[0.0], np.diagonal(c2).copy()])
+        others = np.setdiff1d(np.arange(total), cols, assume_unique=True)
+        perm = torch.from_numpy(np.concatenate([others, cols[::-1]]))
+        gt = torch.from_numpy(g)[perm][:, perm]
+        gt.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(gt)
+        if int(info):  # numerically semi-definite despite the ridge: a little more ridge
+            gt.diagonal().add_(1e-9 * float(np.trace(g)) / max(1, total))
+            chol = torch.linalg.cholesky(gt)
+        tail = chol[others.size:, others.size:]
+        z = (tail.T @ torch.from_numpy(np.ascontiguousarray(wp.T[::-1]))).numpy()[::-1]
+        refit_err = np.concatenate([[0.0], np.cumsum((z * z).sum(1))])[ncols]
+        underdetermined = stats.rows < total - ncols  # kept unknowns per output at each width
+        if underdetermined.any():
+            refit_err = np.where(underdetermined, _removed_energy(g, wp, cols)[ncols], refit_err)
+        return refit_err / w.shape[0]
+    else:
+        cum = _removed_energy(g, wp, cols)
     return cum[ncols] / w.shape[0]
+
+
+# ----------------------------------------------------------------------------- greedy selection
+
+GREEDY_STEP = 0.05  # channels dropped per elimination step: this fraction of those left (at least 1)
+
+
+def _channel_columns(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndarray,
+                     width: int) -> np.ndarray | None:
+    """[width, m] Gram columns of each group channel in this consumer (-1 padding for a channel it
+    does not read), or None when the channels it reads have different column counts."""
+    kk = stats.kernel
+    counts = np.bincount(root_idxs, minlength=width)
+    m = int(counts.max()) if counts.size else 0
+    if m == 0 or np.any((counts != 0) & (counts != m)):
+        return None
+    order = np.argsort(root_idxs, kind="stable")
+    per_channel = (in_idxs[order][:, None] * kk + np.arange(kk)[None, :]).reshape(-1, m * kk)  # m inputs each
+    out = np.full((width, m * kk), -1, dtype=np.int64)
+    out[counts > 0] = per_channel
+    return out
+
+
+class _Elimination:
+    """One consumer's least-squares state while a group's channels leave it: Q = (G_KK + lam I)^-1
+    over the kept columns K and V, its weights refit to those columns (per-output normalised).
+    Removing a column block R raises the residual by tr(V_R^T (Q_RR)^-1 V_R) and leaves
+    V -= Q_:R Q_RR^-1 V_R, Q -= Q_:R Q_RR^-1 Q_R: (block elimination, no refactoring; the rows and
+    columns of R become zero, so Q and V keep their full size and need no re-indexing).
+    An underdetermined consumer (fewer calibration rows than columns) is left unrefit by
+    reconstruction, so there the raise is the no-refit error: with H = G o (W^T W), removing c on top
+    of R adds sum(H_cc) + 2 sum(H_cR)."""
+
+    def __init__(self, stats: ConsumerStats, chan_cols: np.ndarray, ridge: float):
+        w = stats.weight / np.sqrt(_output_energy(stats))[:, None]
+        self.scale = 1.0 / w.shape[0]
+        g = torch.from_numpy(stats.gram)
+        total = g.shape[0]
+        self.refit = stats.rows >= total
+        self.chan_cols = torch.from_numpy(chan_cols)
+        wt = torch.from_numpy(np.ascontiguousarray(w.T))  # [columns, F]
+        if self.refit:
+            lam = max(ridge, 1e-6) * float(torch.trace(g)) / max(1, total)
+            self.q = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(total, dtype=g.dtype)))
+            self.v = wt
+        else:
+            self.h = g * (wt @ wt.T)
+            self.cross = torch.zeros(total, dtype=torch.float64)  # H[:, R].sum(1)
+
+    def raises(self, channels: torch.Tensor) -> torch.Tensor:
+        """The residual added by removing each of `channels` alone (0 for channels it does not read)."""
+        cols = self.chan_cols[channels]
+        present = cols[:, 0] >= 0
+        out = torch.zeros(channels.numel(), dtype=torch.float64)
+        if not present.any():
+            return out
+        cols = cols[present]  # [c, m]
+        if self.refit:
+            qcc = self.q[cols[:, :, None], cols[:, None, :]]
+            vc = self.v[cols]  # [c, m, F]
+            out[present] = (vc * torch.linalg.solve(qcc, vc)).sum((1, 2)) * self.scale
+        else:
+            own = self.h[cols[:, :, None], cols[:, None, :]].sum((1, 2))
+            out[present] = (own + 2 * self.cross[cols].sum(1)) * self.scale
+        return out
+
+    def remove(self, channels: torch.Tensor) -> None:
+        cols = self.chan_cols[channels].reshape(-1)
+        cols = cols[cols >= 0]
+        if cols.numel() == 0:
+            return
+        if not self.refit:
+            self.cross += self.h[:, cols].sum(1)
+            return
+        q_r = self.q[cols]  # [R, n]
+        gain = torch.linalg.solve(q_r[:, cols], q_r).T  # Q_:R Q_RR^-1 (Q is symmetric)
+        self.v = self.v - gain @ self.v[cols]
+        self.q = self.q - gain @ q_r
+        self.q[cols] = 0.0
+        self.q[:, cols] = 0.0
+        self.v[cols] = 0.0
+
+
+def greedy_order(group, stats: dict[str, ConsumerStats], ridge: float) -> np.ndarray | None:
+    """The order in which greedy least-squares elimination removes the group's channels (first
+    removed first), or None when a consumer lacks the statistics it needs (no Gram, too wide, or
+    channels with unequal column counts) or the group is grouped. At each step the channels whose
+    removal raises the summed (refit) residual of the group's consumers least leave together
+    (GREEDY_STEP of those left), so the kept set at every width is nested, as the allocation assumes."""
+    if group.ch_groups != 1:
+        return None
+    states = []
+    for consumer in group.consumers:
+        s = stats.get(consumer.name)
+        if s is None or s.diagonal:
+            return None
+        cols = _channel_columns(s, consumer.in_idxs.numpy(), consumer.root_idxs.numpy(), group.width)
+        if cols is None:
+            return None
+        states.append(_Elimination(s, cols, ridge))
+    if not states:
+        return None
+    left = torch.arange(group.width)
+    order = []
+    while left.numel():
+        raise_ = sum(state.raises(left) for state in states)
+        count = max(1, int(GREEDY_STEP * left.numel()))
+        drop = left[torch.argsort(raise_, stable=True)[:count]]
+        for state in states:
+            state.remove(drop)
+        order.append(drop)
+        left = left[~torch.isin(left, drop)]
+    return torch.cat(order).numpy()
+
+
+def greedy_scores(groups, stats: dict[str, ConsumerStats], fallback: list[np.ndarray],
+                  ridge: float) -> tuple[list[np.ndarray], list[str]]:
+    """Per group, scores whose top-k is greedy elimination's kept set at every k (the later a channel
+    leaves, the higher); `fallback` where greedy_order cannot run. Also the groups that fell back."""
+    scores, fell_back = [], []
+    for group, other in zip(groups, fallback):
+        order = greedy_order(group, stats, ridge)
+        if order is None:
+            scores.append(other)
+            fell_back.append(group.root_name)
+            continue
+        rank = np.empty(group.width)
+        rank[order] = np.arange(1, group.width + 1)
+        scores.append(rank)
+    return scores, fell_back
 
 
 # ----------------------------------------------------------------------------- spending

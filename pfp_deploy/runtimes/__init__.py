@@ -138,6 +138,10 @@ class Runtime:
     def import_package(self) -> Any:
         """Import `package`; RuntimeUnavailableError saying how to install it when it is missing."""
         try:
+            if self.package == "openvino":  # with its telemetry off (environment.import_openvino)
+                from pfp_deploy.environment import import_openvino
+
+                return import_openvino()
             return importlib.import_module(self.package)
         except ImportError as exc:
             raise RuntimeUnavailableError(f"{self.package} is not installed ({exc}); {self.install}") from exc
