@@ -125,3 +125,36 @@ def test_a_symlinked_run_directory_is_refused(tmp_path):
     with pytest.raises(UsageError, match="is a symlink"):
         optimize(tiny_recipe(), output_dir=tmp_path / "runs", progress=False)
     assert not any(elsewhere.iterdir())
+
+
+def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
+    """A process forked while a run holds its lock (a DataLoader worker, a library's helper that
+    outlives the run) gets no copy of the lock: once the run releases it, the next run can start."""
+    from pfp_deploy.fileio import FileLock, LockedError
+
+    lock = FileLock(tmp_path / ".run.lock", "first").acquire()
+    child = os.fork()
+    if child == 0:  # the child lingers past the parent's release
+        time.sleep(3)
+        os._exit(0)
+    try:
+        with pytest.raises(LockedError):
+            FileLock(tmp_path / ".run.lock", "second").acquire()  # still held by the parent
+        lock.release()
+        FileLock(tmp_path / ".run.lock", "second").acquire().release()  # the child holds nothing
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_openvino_is_imported_with_its_telemetry_off_and_the_environment_unchanged():
+    """Importing openvino sends a usage event (a forked helper that tries to reach Google Analytics)
+    unless telemetry is off: pfp-deploy imports it with telemetry off and restores the environment."""
+    pytest.importorskip("openvino")
+    code = ("import os; before = os.environ.get('CI'); from pfp_deploy.environment import import_openvino; "
+            "import_openvino(); import openvino_telemetry as t; "
+            "print(t.Telemetry().consent, os.environ.get('CI') == before)")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr[-2000:]
