@@ -133,10 +133,15 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
     from pfp_deploy.fileio import FileLock, LockedError
 
     lock = FileLock(tmp_path / ".run.lock", "first").acquire()
+    ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:  # the child lingers past the parent's release
+        os.write(ready_w, b"1")  # os.fork() has returned here: the at-fork hooks have run
         time.sleep(3)
         os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"  # on a busy machine the child may not have run yet
+    os.close(ready_r)
     try:
         with pytest.raises(LockedError):
             FileLock(tmp_path / ".run.lock", "second").acquire()  # still held by the parent
