@@ -172,3 +172,35 @@ def test_lsq_removes_what_the_refit_restores_first_and_each_step_is_the_best_sin
     assert first_removal_error(order[0]) == pytest.approx(min(singles), rel=1e-9)
     l1_first = int(np.argmin(model.b.weight.detach().abs().sum((1, 2, 3)).numpy()))
     assert first_removal_error(order[0]) <= first_removal_error(l1_first)
+
+
+def test_an_underdetermined_consumer_keeps_its_rows_and_greedy_takes_the_no_refit_error_step_by_step():
+    """Fewer calibration rows than columns: the statistics hold the rows (no Gram, far less work on
+    small calibration sets), and each greedy step removes the channel whose unrefit removal adds the
+    least to the explicit error ||X_R W_R^T||^2 (reconstruction skips such a layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 5)).eval()
+    calib = [torch.randn(9, 12)]
+    stats = cost_aware.gram_statistics(model, calib, ["0", "1"])
+    layer = stats["1"]
+    assert layer.gram is None and layer.patches.shape == (9, 17) and layer.rows == 9
+    graph = build_graph(model, torch.randn(1, 12))
+    group = next(g for g in collect_groups(model, graph, output_layers(graph))[0] if g.root_name == "0")
+    order = cost_aware.greedy_order(group, {"1": layer}, ridge=1e-3)
+
+    x = layer.patches
+    w = layer.weight / np.sqrt(((x @ layer.weight.T - (x @ layer.weight.T).mean(0)) ** 2).sum(0))[:, None]
+    removed: list[int] = []
+    for step in order:  # 16 channels: one per step
+        def error(channels):
+            return float(((x[:, channels] @ w[:, channels].T) ** 2).sum())
+        best = min(error(removed + [c]) for c in range(16) if c not in removed)
+        assert error(removed + [int(step)]) == pytest.approx(best, rel=1e-9)
+        removed.append(int(step))
+    # the Gram formed from the rows is the one a Gram accumulation gives
+    with torch.no_grad():
+        inputs = model[0](calib[0]).double().numpy()
+    rows = np.concatenate([inputs, np.ones((9, 1))], 1)
+    assert np.allclose(layer.full_gram(), rows.T @ rows)
+    wide = cost_aware.gram_statistics(model, [torch.randn(40, 12)], ["1"])["1"]  # more rows than columns
+    assert wide.patches is None and wide.gram.shape == (17, 17) and wide.rows == 40

@@ -64,19 +64,36 @@ def check_allocation(name) -> str:
 
 @dataclass
 class ConsumerStats:
-    """One dense consumer's calibration statistics: Gram of its input rows, and its weights."""
+    """One dense consumer's calibration statistics and its weights.
+
+    With fewer calibration rows than input columns (an underdetermined layer, which reconstruction
+    leaves unrefit) the rows themselves are kept instead of their Gram: every no-refit quantity
+    is then O(rows x columns x outputs) instead of O(columns^2 x outputs), e.g. 8 rows against
+    3600 columns in a small-image ResNet-18's last stage. Exactly one of `gram`, `patches` is set."""
 
     name: str
-    gram: np.ndarray       # [R(+1), R(+1)] float64 (or [R(+1)] diagonal when too wide)
+    gram: np.ndarray | None  # [R(+1), R(+1)] float64 (or [R(+1)] diagonal when too wide)
     weight: np.ndarray     # [F, R(+1)] float64, bias as the last column when there is one
     kernel: int            # columns per input channel (kh*kw; 1 for Linear)
     rows: float            # calibration rows accumulated
     has_bias: bool
     energy: np.ndarray | None = None  # _output_energy's cache
+    patches: np.ndarray | None = None  # [rows, R(+1)] float64: the rows, when fewer than the columns
 
     @property
     def diagonal(self) -> bool:
-        return self.gram.ndim == 1
+        return self.gram is not None and self.gram.ndim == 1
+
+    def full_gram(self) -> np.ndarray:
+        """G = X^T X (formed from the kept rows on first use when only those are held)."""
+        if self.gram is None:
+            self.gram = self.patches.T @ self.patches
+        return self.gram
+
+    def trace(self) -> float:
+        if self.gram is None:
+            return float((self.patches * self.patches).sum())
+        return float(self.gram.sum() if self.diagonal else np.trace(self.gram))
 
 
 def gram_statistics(model: nn.Module, calibration, names: list[str], max_memory_mb: float = 1024.0
@@ -84,7 +101,6 @@ def gram_statistics(model: nn.Module, calibration, names: list[str], max_memory_
     """Input Grams of the named dense layers over `calibration`, in as few dense passes as fit.
 
     Runs the model in eval mode without gradients; summed across ranks under torchrun."""
-    from ..distributed import all_reduce_sum
     from .sensitivity import _first_tensor, _patches
 
     modules = dict(model.named_modules())
@@ -110,12 +126,8 @@ def gram_statistics(model: nn.Module, calibration, names: list[str], max_memory_
     model.eval()
     try:
         for chunk in passes:
-            acc = {}
-            for n in chunk:
-                m = modules[n]
-                cols = m.weight[0].numel() + int(m.bias is not None)
-                acc[n] = [torch.zeros((cols,) if cols > MAX_GRAM_COLUMNS else (cols, cols), dtype=torch.float64,
-                                      device=device), 0]
+            acc = {n: _RowsOrGram(modules[n].weight[0].numel() + int(modules[n].bias is not None), device)
+                   for n in chunk}
 
             def hook_for(name):
                 layer = modules[name]
@@ -125,16 +137,11 @@ def gram_statistics(model: nn.Module, calibration, names: list[str], max_memory_
                     u, _ = _patches(layer, a)  # [B, R, P]
                     x = u.transpose(1, 2).reshape(-1, u.shape[1])
                     step = max(1, int(64 * 2**20 // (8 * max(1, x.shape[1]))))
-                    g = acc[name]
                     for s in range(0, x.shape[0], step):
                         xs = x[s:s + step].double()
                         if layer.bias is not None:
                             xs = torch.cat([xs, torch.ones(xs.shape[0], 1, dtype=xs.dtype, device=xs.device)], 1)
-                        if g[0].ndim == 1:
-                            g[0] += (xs * xs).sum(0)
-                        else:
-                            g[0].addmm_(xs.t(), xs)
-                        g[1] += xs.shape[0]
+                        acc[name].add(xs)
                 return hook
 
             handles = [modules[n].register_forward_hook(hook_for(n)) for n in chunk]
@@ -148,19 +155,69 @@ def gram_statistics(model: nn.Module, calibration, names: list[str], max_memory_
                 for h in handles:
                     h.remove()
             for n in chunk:
-                gram, rows = acc[n]
-                gram = all_reduce_sum(gram)
-                rows = float(all_reduce_sum(torch.tensor([float(rows)], dtype=torch.float64, device=device))[0])
+                gram, patches, rows = acc[n].reduce()
                 m = modules[n]
                 w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
                 if m.bias is not None:
                     w = torch.cat([w, m.bias.detach().double()[:, None]], 1)
                 kernel = 1 if isinstance(m, nn.Linear) else m.kernel_size[0] * m.kernel_size[1]
-                stats[n] = ConsumerStats(n, gram.cpu().numpy(), w.cpu().numpy(), kernel, rows, m.bias is not None)
+                stats[n] = ConsumerStats(n, None if gram is None else gram.cpu().numpy(), w.cpu().numpy(), kernel,
+                                         rows, m.bias is not None,
+                                         patches=None if patches is None else patches.cpu().numpy())
     finally:
         for m, flag in training:
             m.training = flag
     return stats
+
+
+class _RowsOrGram:
+    """One consumer's accumulator: its calibration rows while they are fewer than its columns, then
+    their Gram (the rows are folded in and dropped), so memory stays within one Gram's size; only
+    the Gram's diagonal for a consumer wider than MAX_GRAM_COLUMNS."""
+
+    def __init__(self, cols: int, device: torch.device):
+        self.cols, self.device = cols, device
+        self.rows = 0
+        self.blocks: list[torch.Tensor] | None = []
+        self.gram = torch.zeros(cols, dtype=torch.float64, device=device) if cols > MAX_GRAM_COLUMNS else None
+
+    def add(self, xs: torch.Tensor) -> None:
+        self.rows += xs.shape[0]
+        if self.gram is not None and self.gram.ndim == 1:
+            self.gram += (xs * xs).sum(0)
+        elif self.blocks is not None:
+            self.blocks.append(xs)
+            if self.rows >= self.cols:
+                self._fold()
+        else:
+            self.gram.addmm_(xs.t(), xs)
+
+    def _fold(self) -> None:
+        x = torch.cat(self.blocks) if self.blocks else torch.zeros(0, self.cols, dtype=torch.float64, device=self.device)
+        self.gram = x.t() @ x
+        self.blocks = None
+
+    def reduce(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(gram, rows_matrix, row count) summed over ranks: the rows of every rank, in rank order,
+        when there are fewer in all than columns; the summed Gram otherwise."""
+        from ..distributed import all_reduce_sum, is_active
+
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if is_active() else (1, 0)
+        counts = torch.zeros(world, dtype=torch.float64, device=self.device)
+        counts[rank] = self.rows
+        counts = all_reduce_sum(counts).long().cpu()
+        total = int(counts.sum())
+        if self.gram is not None and self.gram.ndim == 1:
+            return all_reduce_sum(self.gram), None, float(total)
+        if total < self.cols:  # every rank still holds its rows
+            rows = torch.zeros(total, self.cols, dtype=torch.float64, device=self.device)
+            start = int(counts[:rank].sum())
+            if self.blocks:
+                rows[start:start + self.rows] = torch.cat(self.blocks)
+            return None, all_reduce_sum(rows), float(total)
+        if self.blocks is not None:
+            self._fold()
+        return all_reduce_sum(self.gram), None, float(total)
 
 
 def removal_order(scores: np.ndarray, ch_groups: int = 1) -> np.ndarray:
@@ -184,10 +241,17 @@ def _output_energy(stats: ConsumerStats) -> np.ndarray:
 
 
 def _compute_output_energy(stats: ConsumerStats) -> np.ndarray:
-    w, g = stats.weight, stats.gram
-    if stats.diagonal:
-        energy = (w * w * g[None, :]).sum(1)
+    w = stats.weight
+    if stats.patches is not None:
+        y = stats.patches @ w.T
+        energy = (y * y).sum(0)
+        if stats.has_bias and stats.rows > 0:
+            mean = y.sum(0) / stats.rows
+            energy = energy - stats.rows * mean * mean
+    elif stats.diagonal:
+        energy = (w * w * stats.gram[None, :]).sum(1)
     else:
+        g = stats.gram
         energy = ((w @ g) * w).sum(1)  # BLAS; a 3-operand einsum without a path loops naively (20x slower)
         if stats.has_bias and stats.rows > 0:  # the bias column is all ones: its row of G holds the sums
             mean = g[-1] @ w.T / stats.rows
@@ -196,14 +260,26 @@ def _compute_output_energy(stats: ConsumerStats) -> np.ndarray:
     return np.maximum(energy, 1e-12 * scale + 1e-300)
 
 
-def _removed_energy(g: np.ndarray, wp: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _removed_energy(stats: ConsumerStats, wp: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """No refit: w_R^T G_RR w_R (summed over outputs) for every prefix R of `cols`. With
     M = G_PP o (W_P^T W_P), prefix k adds M_kk + 2 sum_{j<k} M_kj (the diagonal of M's 2-D
-    cumulative sum, without forming it)."""
-    m = torch.from_numpy(g)[torch.from_numpy(cols)][:, torch.from_numpy(cols)]
+    cumulative sum, without forming it). From the rows X (G = X^T X) the sum over j < k is
+    x_k^T S w_k with S = sum_{j<k} x_j w_j^T, so blocks of columns take it from the running S."""
     wt = torch.from_numpy(np.ascontiguousarray(wp))
-    m *= wt.T @ wt
-    added = 2 * torch.tril(m, -1).sum(1) + torch.diagonal(m)
+    if stats.patches is None:
+        m = torch.from_numpy(stats.gram)[torch.from_numpy(cols)][:, torch.from_numpy(cols)]
+        m *= wt.T @ wt
+        added = 2 * torch.tril(m, -1).sum(1) + torch.diagonal(m)
+    else:
+        x = torch.from_numpy(stats.patches)[:, torch.from_numpy(cols)]  # [rows, P]
+        running = torch.zeros(x.shape[0], wt.shape[0], dtype=torch.float64)  # S: [rows, F]
+        parts = []
+        for start in range(0, cols.size, 512):
+            xb, wb = x[:, start:start + 512], wt[:, start:start + 512]
+            m = (xb.T @ xb) * (wb.T @ wb)
+            parts.append(2 * torch.tril(m, -1).sum(1) + torch.diagonal(m) + 2 * ((xb.T @ running) * wb.T).sum(1))
+            running += xb @ wb.T
+        added = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     return np.concatenate([[0.0], torch.cumsum(added, 0).numpy()])
 
 
@@ -227,20 +303,20 @@ def consumer_curve(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndar
     ncols = np.concatenate([[0], np.cumsum(per_channel) * kk])
     w = stats.weight / np.sqrt(_output_energy(stats))[:, None]  # per-output normalisation
     wp = w[:, cols]
-    g = stats.gram
+    total = w.shape[1]
     if stats.diagonal:  # too wide for a full Gram: columns treated as uncorrelated (no refit gain)
-        per_col = (wp * wp * g[cols][None, :]).sum(0)
+        per_col = (wp * wp * stats.gram[cols][None, :]).sum(0)
         cum = np.concatenate([[0.0], np.cumsum(per_col)])
-    elif float(np.trace(g)) <= 0.0:  # the consumer never sees a non-zero input: nothing to lose
+    elif stats.trace() <= 0.0:  # the consumer never sees a non-zero input: nothing to lose
         cum = np.zeros(cols.size + 1)
-    elif refit and stats.rows < g.shape[0] - ncols[-2]:  # underdetermined while a channel is left: never refit
-        cum = _removed_energy(g, wp, cols)
+    elif refit and stats.rows < total - ncols[-2]:  # underdetermined while a channel is left: never refit
+        cum = _removed_energy(stats, wp, cols)
     elif refit:
         # (G^-1)_PP's Cholesky in removal order without forming G^-1: order G as [others, reversed P]
         # and factor it once, G = L L^T. The trailing block L_22 belongs to reversed P, and with J
         # the reversal chol((G^-1)_PP) = J L_22^-T J, so Z = J L_22^T J W_P^T: one Cholesky and
         # one product (3-4x less work than inverting G and factoring the inverse's block).
-        total = g.shape[0]
+        g = stats.full_gram()
         lam = max(ridge, 1e-6) * float(np.trace(g)) / max(1, total)
         others = np.setdiff1d(np.arange(total), cols, assume_unique=True)
         perm = torch.from_numpy(np.concatenate([others, cols[::-1]]))
@@ -255,10 +331,10 @@ def consumer_curve(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndar
         refit_err = np.concatenate([[0.0], np.cumsum((z * z).sum(1))])[ncols]
         underdetermined = stats.rows < total - ncols  # kept unknowns per output at each width
         if underdetermined.any():
-            refit_err = np.where(underdetermined, _removed_energy(g, wp, cols)[ncols], refit_err)
+            refit_err = np.where(underdetermined, _removed_energy(stats, wp, cols)[ncols], refit_err)
         return refit_err / w.shape[0]
     else:
-        cum = _removed_energy(g, wp, cols)
+        cum = _removed_energy(stats, wp, cols)
     return cum[ncols] / w.shape[0]
 
 
@@ -289,25 +365,31 @@ class _Elimination:
     Removing a column block R raises the residual by tr(V_R^T (Q_RR)^-1 V_R) and leaves
     V -= Q_:R Q_RR^-1 V_R, Q -= Q_:R Q_RR^-1 Q_R: (block elimination, no refactoring; the rows and
     columns of R become zero, so Q and V keep their full size and need no re-indexing).
-    An underdetermined consumer (fewer calibration rows than columns) is left unrefit by
-    reconstruction, so there the raise is the no-refit error: with H = G o (W^T W), removing c on top
-    of R adds sum(H_cc) + 2 sum(H_cR)."""
+    An underdetermined consumer (fewer calibration rows than columns; its rows X are held) is left
+    unrefit by reconstruction, so there the raise is the no-refit error: with S = X_R W_R^T the
+    removed part of its output, removing channel c adds ||X_c W_c^T||^2 + 2 <S, X_c W_c^T>."""
 
     def __init__(self, stats: ConsumerStats, chan_cols: np.ndarray, ridge: float):
         w = stats.weight / np.sqrt(_output_energy(stats))[:, None]
         self.scale = 1.0 / w.shape[0]
-        g = torch.from_numpy(stats.gram)
-        total = g.shape[0]
-        self.refit = stats.rows >= total
+        total = w.shape[1]
+        self.refit = stats.patches is None
         self.chan_cols = torch.from_numpy(chan_cols)
         wt = torch.from_numpy(np.ascontiguousarray(w.T))  # [columns, F]
         if self.refit:
+            g = torch.from_numpy(stats.gram)
             lam = max(ridge, 1e-6) * float(torch.trace(g)) / max(1, total)
             self.q = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(total, dtype=g.dtype)))
             self.v = wt
         else:
-            self.h = g * (wt @ wt.T)
-            self.cross = torch.zeros(total, dtype=torch.float64)  # H[:, R].sum(1)
+            self.x, self.wt = torch.from_numpy(stats.patches), wt
+            self.removed_output = torch.zeros(self.x.shape[0], wt.shape[1], dtype=torch.float64)  # S
+            present = self.chan_cols[:, 0] >= 0
+            cols = self.chan_cols[present]  # [c, m]
+            xc, wc = self.x[:, cols], wt[cols]  # [rows, c, m], [c, m, F]
+            own = torch.zeros(chan_cols.shape[0], dtype=torch.float64)  # ||X_c W_c^T||^2 per channel
+            own[present] = (torch.einsum("rcm,rcn->cmn", xc, xc) * torch.einsum("cmf,cnf->cmn", wc, wc)).sum((1, 2))
+            self.own = own
 
     def raises(self, channels: torch.Tensor) -> torch.Tensor:
         """The residual added by removing each of `channels` alone (0 for channels it does not read)."""
@@ -322,8 +404,9 @@ class _Elimination:
             vc = self.v[cols]  # [c, m, F]
             out[present] = (vc * torch.linalg.solve(qcc, vc)).sum((1, 2)) * self.scale
         else:
-            own = self.h[cols[:, :, None], cols[:, None, :]].sum((1, 2))
-            out[present] = (own + 2 * self.cross[cols].sum(1)) * self.scale
+            flat = cols.reshape(-1)
+            cross = ((self.x[:, flat].T @ self.removed_output) * self.wt[flat]).sum(1)  # x_j^T S w_j
+            out[present] = (self.own[channels[present]] + 2 * cross.reshape(cols.shape).sum(1)) * self.scale
         return out
 
     def remove(self, channels: torch.Tensor) -> None:
@@ -332,7 +415,7 @@ class _Elimination:
         if cols.numel() == 0:
             return
         if not self.refit:
-            self.cross += self.h[:, cols].sum(1)
+            self.removed_output += self.x[:, cols] @ self.wt[cols]
             return
         q_r = self.q[cols]  # [R, n]
         gain = torch.linalg.solve(q_r[:, cols], q_r).T  # Q_:R Q_RR^-1 (Q is symmetric)
