@@ -241,5 +241,14 @@ def test_torchrun_two_processes_score_and_prune_like_one(tmp_path):
         ours = json.loads((multi / name).read_text())["steps"][0]
         theirs = json.loads((single.run_dir / name).read_text())["steps"][0]
         assert ours == theirs, name
+    # Reconstruction from sharded calibration (Grams all-reduced) gives the single-process weights;
+    # BatchNorm buffers are re-estimated per shard and averaged, so only the refit layers are compared.
+    ours, theirs = (torch.load(d / "checkpoints" / "prune1.pt", weights_only=True)["state_dict"]
+                    for d in (multi, single.run_dir))
+    refit = [k for k in theirs if k.endswith("weight") and theirs[k].ndim > 1]  # conv and linear weights
+    assert len(refit) > 20
+    for name in refit:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
     report = json.loads((multi / "report.json").read_text())
     assert report["status"] == "passed" and len(report["finetune"]["steps"]) == 2
+    assert report["prune"]["steps"][0]["reconstruction"]["layers"], "no layer was reconstructed"

@@ -353,6 +353,7 @@ def _torchrun_case():
     return dense, calib
 
 
+@pytest.mark.slow  # the default suite checks the same weights in test_pipeline.py's torchrun run
 def test_torchrun_two_processes_equal_single_process(tmp_path):
     dense, calib = _torchrun_case()
     result = prune(dense, calib, calib[0][:1], keep=0.5, reconstruct="none")
