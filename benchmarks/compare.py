@@ -73,6 +73,7 @@ from pfp_deploy.pruning import count_cost
 from pfp_deploy.pruning import prune as pfp_prune
 from pfp_deploy.recipe import DataConfig, TrainConfig
 from pfp_deploy.report import write_json_atomic
+from pfp_deploy.schema import DEFAULT_CALIBRATION_SAMPLES
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_RESNET20 = REPO / "weights" / "resnet20_fashion_mnist.pt"
@@ -117,7 +118,8 @@ class Settings:
     ft_epochs: int = 1
     ft_lr: float = 0.01
     batch_size: int = 64
-    calib: str = "auto"  # calibration images ("auto": the paper's size); also LS reconstruction and Taylor's data
+    # calibration images per seed, pfp-deploy's default ("auto": the paper's size); also the refit's and Taylor's data
+    calib: str = str(DEFAULT_CALIBRATION_SAMPLES)
     tolerance: float = 0.01  # prune(): |achieved - keep| on MACs
     threads: int = 1
     deadline: str = ""  # "HH:MM" (UTC): start no new cell after it; the rest is listed as not run

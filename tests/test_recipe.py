@@ -42,7 +42,7 @@ def test_defaults_and_derived_values():
     assert recipe.model.input_shape == [1, 1, 28, 28]
     assert (recipe.model.in_channels, recipe.model.num_classes, recipe.data.image_size) == (1, 10, 28)
     assert recipe.prune.keep == 0.5 and recipe.prune.delta == 1e-16 and recipe.prune.K == 3
-    assert recipe.data.calibration_samples == "auto"
+    assert recipe.data.calibration_samples == 512  # "auto": the paper's size
     resolved = recipe.resolved()
     assert resolved["finetune"]["optimizer"]["name"] == "sgd"
     assert "model_config" not in resolved
