@@ -284,10 +284,20 @@ def _finish(result, as_json: bool) -> int:
     return result.exit_code
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a line is logged, not as it was when main() first ran: a
+    caller that swaps stderr (a test runner's capture, an embedding tool) never leaves the handler
+    pointing at a closed stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _log_to_stderr(quiet: bool) -> None:
     """pfp-deploy's own progress lines on stderr; other libraries' INFO chatter stays hidden."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.propagate = False

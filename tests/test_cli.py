@@ -210,3 +210,21 @@ def test_export_and_onnxruntime_benchmark_from_a_run_directory(tmp_path):
     (run / "model.onnx").unlink()
     assert main(["export", "--run-dir", str(run)]) == 0 and (run / "model.onnx").is_file()
     assert main(["-q", "benchmark", "--run-dir", str(run), "--target", "ort-cpu"]) == 0
+
+
+def test_progress_lines_follow_the_current_stderr(monkeypatch):
+    """main() installs its log handler once; a later swap of sys.stderr (pytest's capture of the next
+    test, a tool embedding the CLI) must not leave it writing to the old, closed stream."""
+    import io
+    import logging
+
+    from pfp_deploy.cli import _log_to_stderr
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    _log_to_stderr(quiet=False)
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("pfp_deploy").info("still visible")
+    assert "still visible" in second.getvalue()
