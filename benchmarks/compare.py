@@ -117,6 +117,7 @@ class Settings:
     ft_subset: int = 5000  # fine-tune images per cell (a seeded draw, the same for every method)
     ft_epochs: int = 1
     ft_lr: float = 0.01
+    ft_distill: bool = False  # distil from the dense model (T 4, alpha 0.5: the quickstart's) while fine-tuning
     batch_size: int = 64
     # calibration images per seed, pfp-deploy's default ("auto": the paper's size); also the refit's and Taylor's data
     calib: str = str(DEFAULT_CALIBRATION_SAMPLES)
@@ -368,16 +369,17 @@ def pruned_only(dense: nn.Module, plan: Any, example: torch.Tensor) -> nn.Module
 
 def finetune_cfg(s: Settings, seed: int) -> FinetuneConfig:
     return FinetuneConfig(epochs=s.ft_epochs, optimizer={"lr": s.ft_lr, "momentum": 0.9, "weight_decay": 5e-4},
-                          scheduler="cosine", seed=seed, amp=False)
+                          scheduler="cosine", seed=seed, amp=False,
+                          distill={"enabled": s.ft_distill, "temperature": 4.0, "alpha": 0.5})
 
 
 def run_finetune(model_name: str, criterion: str, allocation: str, recon: str, keep: float, seed: int,
-                 model: nn.Module, data: Data, s: Settings) -> dict:
+                 model: nn.Module, data: Data, s: Settings, dense: nn.Module | None = None) -> dict:
     """The fixed short fine-tune: s.ft_epochs over a seeded s.ft_subset draw, the same for every method."""
     model = copy.deepcopy(model)
     started = time.perf_counter()
     finetune(model, data.loader(s.ft_subset, seed, s.batch_size, shuffle=True), None, finetune_cfg(s, seed),
-             progress=False)
+             teacher=dense if s.ft_distill else None, progress=False)
     seconds = time.perf_counter() - started
     return {"kind": "ft", "model": model_name, "criterion": criterion, "allocation": allocation,
             "reconstruct": recon, "keep_target": keep, "seed": seed, "finetune_s": seconds,
@@ -511,7 +513,8 @@ def markdown(results: dict) -> str:
              f"Wall time: {results['wall_seconds'] / 60:.1f} min. Top-1 on a fixed {s['test_subset']}-image test "
              f"subset. Calibration: {s['calib']} images per seed (\"auto\": the paper's size), used for scoring, "
              f"allocation and reconstruction. Fine-tune: {s['ft_epochs']} epoch(s) on {s['ft_subset']} training "
-             f"images (SGD lr {s['ft_lr']}, momentum 0.9, cosine, batch {s['batch_size']}), the same draw for every "
+             f"images (SGD lr {s['ft_lr']}, momentum 0.9, cosine, batch {s['batch_size']}"
+             f"{', distilled from the dense model' if s.get('ft_distill') else ''}), the same draw for every "
              f"method. MACs by tp.utils.count_ops_and_params.", ""]
     if results.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
@@ -776,7 +779,8 @@ def main(argv: list[str] | None = None) -> dict:
                         _, built[(criterion, allocation)] = run_cell(model_name, criterion, allocation, keep, seed,
                                                                      dense, cost, calibration, data, s, shared)
                     start_model = built[(criterion, allocation)][1 if recon == "least_squares" else 0]
-                    row = run_finetune(model_name, criterion, allocation, recon, keep, seed, start_model, data, s)
+                    row = run_finetune(model_name, criterion, allocation, recon, keep, seed, start_model, data, s,
+                                       dense)
                 except Exception as exc:  # noqa: BLE001
                     record({"kind": "ft", "model": model_name, "criterion": criterion, "allocation": allocation,
                             "reconstruct": recon, "keep_target": keep, "seed": seed,
