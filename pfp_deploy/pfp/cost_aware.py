@@ -69,7 +69,8 @@ class ConsumerStats:
     With fewer calibration rows than input columns (an underdetermined layer, which reconstruction
     leaves unrefit) the rows themselves are kept instead of their Gram: every no-refit quantity
     is then O(rows x columns x outputs) instead of O(columns^2 x outputs), e.g. 8 rows against
-    3600 columns in a small-image ResNet-18's last stage. Exactly one of `gram`, `patches` is set."""
+    3600 columns in a small-image ResNet-18's last stage. `patches` set means underdetermined; its
+    Gram is then formed only on demand (full_gram)."""
 
     name: str
     gram: np.ndarray | None  # [R(+1), R(+1)] float64 (or [R(+1)] diagonal when too wide)
