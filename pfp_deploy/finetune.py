@@ -169,11 +169,11 @@ def inference_teacher(teacher: nn.Module, device: torch.device, channels_last: b
     """A frozen copy of the teacher for distillation: eval mode, on `device`, each Conv2d -> BatchNorm2d
     pair folded into one conv (exact in eval mode) when torch.fx can trace the model, and in
     channels_last if asked. The caller's teacher is left as it was (device, modes, weights)."""
-    import copy
-
     from torch.fx.experimental.optimization import fuse
 
-    frozen = copy.deepcopy(teacher).eval()
+    from .plan import private_copy
+
+    frozen = private_copy(teacher).eval()
     try:
         frozen = fuse(frozen)  # symbolic tracing: a model with data-dependent control flow stays unfused
     except Exception as exc:  # noqa: BLE001 (any tracing failure: the unfused copy is still exact)

@@ -213,8 +213,8 @@ def prune(
     `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs).
     `method` names a registered criterion that chooses which channels each group keeps
     (pfp_deploy.criteria): "lsq" by default (greedy least-squares selection from the calibration
-    Gram matrices; with the default allocation and reconstruction it matched or beat "l1" on three
-    networks at half the MACs and was the best measured criterion at 30 %, docs/BENCHMARKS.md §5),
+    Gram matrices; with the default allocation and reconstruction the best measured criterion at 30 %
+    of the MACs on three networks and at half on ResNet-20, docs/BENCHMARKS.md §5),
     "pfp" for PFP's own sensitivity scores (the default when `variant` is "randomized" or "hybrid",
     which sample by them), "l1", "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact
     method: method="pfp",

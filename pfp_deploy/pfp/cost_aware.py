@@ -261,6 +261,16 @@ def _compute_output_energy(stats: ConsumerStats) -> np.ndarray:
     return np.maximum(energy, 1e-12 * scale + 1e-300)
 
 
+def _normalised_weight(stats: ConsumerStats) -> np.ndarray:
+    """Weights with each output divided by its dense energy's square root: errors become relative."""
+    return stats.weight / np.sqrt(_output_energy(stats))[:, None]
+
+
+def _ridge(gram: np.ndarray, ridge: float) -> float:
+    """The absolute ridge: `ridge` (at least 1e-6) times the Gram's mean diagonal, as reconstruction."""
+    return max(ridge, 1e-6) * float(np.trace(gram)) / max(1, gram.shape[0])
+
+
 def _removed_energy(stats: ConsumerStats, wp: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """No refit: w_R^T G_RR w_R (summed over outputs) for every prefix R of `cols`. With
     M = G_PP o (W_P^T W_P), prefix k adds M_kk + 2 sum_{j<k} M_kj (the diagonal of M's 2-D
@@ -302,7 +312,7 @@ def consumer_curve(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndar
     # columns removed after j channels: kk x (number of mapped inputs whose root rank is < j)
     per_channel = np.bincount(rank[root_idxs], minlength=width)
     ncols = np.concatenate([[0], np.cumsum(per_channel) * kk])
-    w = stats.weight / np.sqrt(_output_energy(stats))[:, None]  # per-output normalisation
+    w = _normalised_weight(stats)
     wp = w[:, cols]
     total = w.shape[1]
     if stats.diagonal:  # too wide for a full Gram: columns treated as uncorrelated (no refit gain)
@@ -318,7 +328,7 @@ def consumer_curve(stats: ConsumerStats, in_idxs: np.ndarray, root_idxs: np.ndar
         # the reversal chol((G^-1)_PP) = J L_22^-T J, so Z = J L_22^T J W_P^T: one Cholesky and
         # one product (3-4x less work than inverting G and factoring the inverse's block).
         g = stats.full_gram()
-        lam = max(ridge, 1e-6) * float(np.trace(g)) / max(1, total)
+        lam = _ridge(g, ridge)
         others = np.setdiff1d(np.arange(total), cols, assume_unique=True)
         perm = torch.from_numpy(np.concatenate([others, cols[::-1]]))
         gt = torch.from_numpy(g)[perm][:, perm]
@@ -371,7 +381,7 @@ class _Elimination:
     removed part of its output, removing channel c adds ||X_c W_c^T||^2 + 2 <S, X_c W_c^T>."""
 
     def __init__(self, stats: ConsumerStats, chan_cols: np.ndarray, ridge: float):
-        w = stats.weight / np.sqrt(_output_energy(stats))[:, None]
+        w = _normalised_weight(stats)
         self.scale = 1.0 / w.shape[0]
         total = w.shape[1]
         self.refit = stats.patches is None
@@ -379,7 +389,7 @@ class _Elimination:
         wt = torch.from_numpy(np.ascontiguousarray(w.T))  # [columns, F]
         if self.refit:
             g = torch.from_numpy(stats.gram)
-            lam = max(ridge, 1e-6) * float(torch.trace(g)) / max(1, total)
+            lam = _ridge(stats.gram, ridge)
             self.q = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(total, dtype=g.dtype)))
             self.v = wt
         else:

@@ -138,13 +138,13 @@ class Runtime:
     def import_package(self) -> Any:
         """Import `package`; RuntimeUnavailableError saying how to install it when it is missing."""
         try:
-            if self.package == "openvino":  # with its telemetry off (environment.import_openvino)
-                from pfp_deploy.environment import import_openvino
-
-                return import_openvino()
-            return importlib.import_module(self.package)
+            return self._import()
         except ImportError as exc:
             raise RuntimeUnavailableError(f"{self.package} is not installed ({exc}); {self.install}") from exc
+
+    def _import(self) -> Any:
+        """The plain import of `package`; a runtime whose package needs more (OpenVINO) overrides it."""
+        return importlib.import_module(self.package)
 
     def existing_file(self, source: str | os.PathLike | None) -> Path:
         """`source` as a Path; ExportError naming it when there is no such file, UsageError when None.

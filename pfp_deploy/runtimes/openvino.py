@@ -38,6 +38,11 @@ class OpenVinoRuntime(Runtime):
     precisions = PRECISIONS
     hints = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
+    def _import(self):
+        from pfp_deploy.environment import import_openvino
+
+        return import_openvino()  # with its telemetry off
+
     def parse_device(self, device: str) -> str:
         base, sep, rest = device.partition(":")
         if base.upper() in _VIRTUAL:
