@@ -122,6 +122,7 @@ class PruneStep(Artifact):
     groups: list[GroupWidth] = []
     unscored_groups: list[str] = []
     criterion_fallback: list[str] = []  # groups the criterion could not rank, ranked by L1 instead (lsq)
+    selection_ridge: float | None = None  # the ridge lsq's greedy ranking used (None: no such ranking)
     skipped_groups: list[SkippedGroup] = []
     reconstruction: Reconstruction | None = None
     accuracy: dict[str, Accuracy] = {}  # pruned_only / reconstructed / bn_recalibrated

@@ -213,8 +213,8 @@ def prune(
     `calibration` is an iterable of input batches (tensors or (inputs, labels) pairs).
     `method` names a registered criterion that chooses which channels each group keeps
     (pfp_deploy.criteria): "lsq" by default (greedy least-squares selection from the calibration
-    Gram matrices; with the default allocation and reconstruction the best measured criterion at 30 %
-    of the MACs on three networks and at half on ResNet-20, docs/BENCHMARKS.md §5),
+    Gram matrices; with the default allocation and reconstruction the best measured criterion before
+    training at 30 % of the MACs on three networks and at half on two, docs/BENCHMARKS.md §5),
     "pfp" for PFP's own sensitivity scores (the default when `variant` is "randomized" or "hybrid",
     which sample by them), "l1", "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact
     method: method="pfp",
@@ -314,12 +314,13 @@ def prune(
     cost = _build_cost_model(positions, groups, metric, dense)
     target = keep * dense
     allowed = accepted_deviation(keep, tolerance) * dense
-    curves, criterion_fallback = None, []
+    curves, criterion_fallback, selection_ridge = None, [], None
     if allocation in cost_aware.GRAM_ALLOCATIONS or criterion.needs_gram:
         stats = cost_aware.gram_statistics(work, calibration, sorted({c.name for g in groups for c in g.consumers}))
         if criterion.needs_gram:
             start_greedy = time.perf_counter()
-            choice_scores, criterion_fallback = cost_aware.greedy_scores(groups, stats, choice_scores, repair.ridge)
+            selection_ridge = repair.ridge if criterion.selection_ridge is None else criterion.selection_ridge
+            choice_scores, criterion_fallback = cost_aware.greedy_scores(groups, stats, choice_scores, selection_ridge)
             greedy_s = time.perf_counter() - start_greedy
             timings["criterion"] = timings.get("criterion", 0.0) + greedy_s
             start += greedy_s  # the allocation's timer runs over this: count the selection once
@@ -411,6 +412,7 @@ def prune(
                    for g in step_groups],
         "unscored_groups": unscored,
         "criterion_fallback": criterion_fallback,  # groups the criterion could not rank (L1 ranked them)
+        "selection_ridge": selection_ridge,  # the greedy ranking's ridge (lsq); None: no Gram ranking ran
         "skipped_groups": skipped,
         "calibration_layers": len(sensitivities),
         "reconstruction": repaired.to_dict() if repaired is not None else {"method": "none"},

@@ -172,7 +172,7 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
         epsilon_widths=to_jsonable(result.report["epsilon_widths"]), achieved=achieved, macs=macs, params=params,
         seconds={**result.report["seconds"], "sensitivity": round(seconds, 4)}, groups=result.report["groups"],
         unscored_groups=result.report["unscored_groups"], skipped_groups=result.report["skipped_groups"],
-        criterion_fallback=result.report["criterion_fallback"],
+        criterion_fallback=result.report["criterion_fallback"], selection_ridge=result.report["selection_ridge"],
         reconstruction=to_jsonable(repaired), accuracy=accuracies)
     return pruned, plan.then(result.plan), {"report": report.to_dict()}
 

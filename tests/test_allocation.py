@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from pfp_deploy.criteria.lsq import GreedyLeastSquares
 from pfp_deploy.errors import RecipeError, UsageError
 from pfp_deploy.models import resnet20
 from pfp_deploy.pfp import cost_aware
@@ -11,6 +12,7 @@ from pfp_deploy.pfp.groups import build_graph, collect_groups, output_layers
 from pfp_deploy.pfp.sensitivity import sensitivity
 from pfp_deploy.pruning import count_cost, prune
 from pfp_deploy.recipe import PruneConfig, validate_section
+from pfp_deploy.schema import ReconstructConfig
 
 X = torch.randn(1, 1, 8, 8)
 
@@ -172,6 +174,35 @@ def test_lsq_removes_what_the_refit_restores_first_and_each_step_is_the_best_sin
     assert first_removal_error(order[0]) == pytest.approx(min(singles), rel=1e-9)
     l1_first = int(np.argmin(model.b.weight.detach().abs().sum((1, 2, 3)).numpy()))
     assert first_removal_error(order[0]) <= first_removal_error(l1_first)
+
+
+def test_lsq_ranks_with_its_own_selection_ridge_whatever_the_refits():
+    """prune(method="lsq") keeps, in every group, the channels that greedy elimination at the
+    criterion's selection ridge leaves last, with the refit's ridge at its default or 0; greedy at a
+    tiny ridge would keep other channels here, so the test sees which ridge ranked them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+    calib = [torch.randn(256, 6)]
+    example = torch.randn(1, 6)
+    ridge = GreedyLeastSquares.selection_ridge
+    assert ridge is not None and ridge != ReconstructConfig().ridge
+    graph = build_graph(model, example)
+    groups = {g.root_name: g for g in collect_groups(model, graph, output_layers(graph))[0]}
+    stats = cost_aware.gram_statistics(model, calib, ["2", "4"])
+
+    def greedy_kept(root, width, at):
+        return sorted(cost_aware.greedy_order(groups[root], stats, ridge=at)[-width:].tolist())
+
+    differs = []
+    for refit_ridge in (ReconstructConfig().ridge, 0.0):
+        result = prune(model, calib, example, keep=0.5, method="lsq", tolerance=0.05,
+                       reconstruct={"ridge": refit_ridge})
+        for group in result.plan.steps[0]["groups"]:
+            kept = sorted(group["kept"])
+            assert kept == greedy_kept(group["root"], len(kept), ridge), (refit_ridge, group["root"])
+            differs.append(kept != greedy_kept(group["root"], len(kept), 1e-6))
+        assert result.report["selection_ridge"] == ridge
+    assert any(differs)
 
 
 def test_an_underdetermined_consumer_keeps_its_rows_and_greedy_takes_the_no_refit_error_step_by_step():

@@ -31,6 +31,9 @@ class Criterion:
     # cost-aware allocation (cost_aware.greedy_scores); `importance` then ranks only the groups
     # where that cannot run.
     needs_gram: ClassVar[bool] = False
+    # A needs_gram criterion's ridge for that re-ranking, relative to each consumer's mean Gram
+    # diagonal as in reconstruction; None: the refit's own (prune.reconstruct.ridge).
+    selection_ridge: ClassVar[float | None] = None
     summary: ClassVar[str] = ""  # one line for error messages and docs
 
     def importance(self, model: nn.Module, calibration: Any, seed: int) -> Callable | None:
