@@ -225,7 +225,7 @@ class PruneConfig(_Strict):
     method: str = Field("lsq", description="Which channels each group keeps: lsq (the default: greedy "
                         "least-squares selection from the calibration Gram matrices; with the default "
                         "allocation and reconstruction it was the best measured criterion before training at "
-                        "30 % of the MACs on three networks and at half on two, docs/BENCHMARKS.md §5), pfp "
+                        "30 % and at half of the MACs on three networks, docs/BENCHMARKS.md §5), pfp "
                         "(Provable Filter Pruning, Liebenwein et al. 2020; the default when variant is "
                         "randomized or hybrid), l1, l2, taylor, fpgm, bn_scale, random, or one registered "
                         "with pfp_deploy.criteria.register_criterion. Groups, allocation, reconstruction and "
