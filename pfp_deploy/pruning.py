@@ -214,7 +214,8 @@ def prune(
     `method` names a registered criterion that chooses which channels each group keeps
     (pfp_deploy.criteria): "lsq" by default (greedy least-squares selection from the calibration
     Gram matrices; with the default allocation and reconstruction the best measured criterion before
-    training at 30 % and at half of the MACs on three networks, docs/BENCHMARKS.md §5),
+    training on ResNet-20 and, by margins of 0.1-0.2 that change sign with the dense model, about level
+    with l1 and fpgm on VGG-small and MobileNetV2-small, docs/BENCHMARKS.md §5),
     "pfp" for PFP's own sensitivity scores (the default when `variant` is "randomized" or "hybrid",
     which sample by them), "l1", "l2", "taylor", "fpgm", "bn_scale", "random", ... The paper's exact
     method: method="pfp",

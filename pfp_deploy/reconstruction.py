@@ -27,8 +27,11 @@ inputs (those the layer receives from the already-refit upstream model). The ref
 kept only when they lower that error, so reconstruction never increases a consumer's calibration
 error. error_after is also the reconstructed model's end-to-end error at that layer.
 
-Grouped and depthwise convs are left unchanged (reported): their inputs come from refit layers
-whose outputs already match the dense model, and the next dense consumer absorbs what is left.
+Grouped and depthwise convs (groups > 1) are refit per group: group g's outputs depend only on its
+own input channels, so its normal equations are a small block of their own (a depthwise 3x3 conv:
+one 9-unknown system per channel). Their inputs come from refit layers whose outputs already match
+the dense model, so what is left to fix is small: measured on MobileNetV2-small (docs/BENCHMARKS.md
+§5, no training) 0 to +0.16 points of top-1 (mean +0.08) for 1.5-1.9x the reconstruction time.
 Which channels a pruned layer kept is derived from the pruning `Plan` (module names are the
 dense model's): the plan is replayed on a float64 copy of the dense model whose weights encode
 their own (output, input) indices, so every index mapping torch-pruning applies (residual adds,
@@ -147,7 +150,9 @@ def _as_double(inputs):
 
 
 def index_maps_from_plan(dense: nn.Module, plan, example_inputs) -> dict[str, IndexMap]:
-    """Per dense layer name, the indices of the dense model's inputs/outputs it keeps after `plan`.
+    """Per dense layer name, the indices of the dense model's inputs/outputs it keeps after `plan`;
+    per grouped/depthwise conv its kept outputs only (kept_in None: its input indices are group-local,
+    and its per-group refit reads its inputs from the pruned model).
 
     `plan` is a pruning.Plan (or its to_dict(), or a PruneResult) made on `dense`: all its steps
     are replayed, so a cascade's maps compose. `dense` is not modified (a float64 copy is tagged).
@@ -165,27 +170,41 @@ def index_maps_from_plan(dense: nn.Module, plan, example_inputs) -> dict[str, In
     maps = {}
     dense_mods = dict(dense.named_modules())
     for name, m in replay.named_modules():
-        if name in widths and is_dense_layer(m):
-            kept_in, kept_out = _read_tags(m.weight, widths[name], name)
-            full_out = dense_mods[name].weight.shape[0]
-            maps[name] = IndexMap(_to_index(kept_in, widths[name], f"{name} input"),
-                                  _to_index(kept_out, full_out, f"{name} output"))
+        if name not in widths or not (is_dense_layer(m) or _is_grouped_conv(m)):
+            continue
+        full_out = dense_mods[name].weight.shape[0]
+        if _is_grouped_conv(m):  # every tag of row o lies in [o * width, (o + 1) * width)
+            tags = torch.round(m.weight.detach().double().flatten(1)[:, 0] / _TAG_SCALE).long() - 1
+            kept_out = torch.div(tags, widths[name], rounding_mode="floor")
+            maps[name] = IndexMap(None, _to_index(kept_out, full_out, f"{name} output"))
+            continue
+        kept_in, kept_out = _read_tags(m.weight, widths[name], name)
+        maps[name] = IndexMap(_to_index(kept_in, widths[name], f"{name} input"),
+                              _to_index(kept_out, full_out, f"{name} output"))
     return maps
 
 
-def _normalise_maps(index_maps: Mapping, dense_mods: dict, pruned_mods: dict) -> dict[str, IndexMap]:
+def _is_grouped_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1
+
+
+def _normalise_maps(index_maps: Mapping, dense_mods: dict, grouped_mods: dict) -> dict[str, IndexMap]:
     maps = {}
     for name, value in index_maps.items():
-        if name not in dense_mods:
-            raise UsageError(f'index_maps names "{name}", which is not a dense Conv2d/Linear of the dense model')
+        grouped = _is_grouped_conv(grouped_mods.get(name))
+        if name not in dense_mods and not grouped:
+            raise UsageError(f'index_maps names "{name}", which is not a Conv2d/Linear of the dense model')
         if isinstance(value, IndexMap):
             kept_in, kept_out = value.kept_in, value.kept_out
         elif isinstance(value, Mapping):
             kept_in, kept_out = value.get("kept_in"), value.get("kept_out")
         else:
             kept_in, kept_out = value
-        w = dense_mods[name].weight
-        maps[name] = IndexMap(_to_index(kept_in, w.shape[1], f"{name} input"),
+        w = grouped_mods[name].weight if grouped else dense_mods[name].weight
+        if grouped and kept_in is not None:
+            raise UsageError(f'index_maps["{name}"]: a grouped conv takes kept_out only (its inputs are '
+                             "group-local; index_maps_from_plan gives None)")
+        maps[name] = IndexMap(None if grouped else _to_index(kept_in, w.shape[1], f"{name} input"),
                               _to_index(kept_out, w.shape[0], f"{name} output"))
     return maps
 
@@ -483,6 +502,140 @@ class _Layer:
                 self.module.bias.copy_(b.to(self.module.bias.dtype))
 
 
+class _GroupedLayer(_Layer):
+    """A grouped or depthwise conv: one block of normal equations per group (its outputs read only
+    its own input channels), solved as a batch. Each group keeps its refit only where it lowers
+    that group's calibration error; the layer's error is over all groups together."""
+
+    def __init__(self, name: str, dense_mod: nn.Module, pruned_mod: nn.Module, imap: IndexMap):
+        super().__init__(name, dense_mod, pruned_mod, imap)
+        self.groups = pruned_mod.groups
+        self.group_out = self.out // self.groups  # self.inputs (R) is already per group: in/groups x kh x kw
+        self.in_before = dense_mod.in_channels
+        self.refit_groups = 0
+
+    def gram_bytes(self) -> float:
+        k = self.unknowns + 1
+        return 8.0 * self.groups * (3 * k * k + 2 * k * (self.group_out + 1))
+
+    def reset(self, device: torch.device) -> None:
+        g, r, f = self.groups, self.inputs, self.group_out
+        opts = {"dtype": torch.float64, "device": device}
+        self.xx, self.xs = torch.zeros(g, r, r, **opts), torch.zeros(g, r, **opts)
+        self.xy, self.ys = torch.zeros(g, r, f, **opts), torch.zeros(g, f, **opts)
+        self.yy, self.n = torch.zeros(g, **opts), torch.zeros((), **opts)
+
+    def rows(self, a: torch.Tensor) -> torch.Tensor:
+        """Input rows [G, n, R] (group-major channels, as Conv2d splits them)."""
+        u, _ = _patches(self.module, a)  # [B, G*R, P]
+        batch, positions = u.shape[0], u.shape[2]
+        return u.view(batch, self.groups, self.inputs, positions).permute(1, 0, 3, 2).reshape(self.groups, -1,
+                                                                                             self.inputs)
+
+    def target_rows(self, y: torch.Tensor) -> torch.Tensor:
+        batch = y.shape[0]
+        return y.reshape(batch, self.groups, self.group_out, -1).permute(1, 0, 3, 2).reshape(self.groups, -1,
+                                                                                              self.group_out)
+
+    def accumulate(self, a: torch.Tensor, y: torch.Tensor, chunk_bytes: float) -> None:
+        a = a.detach().float()
+        batch = a.shape[0]
+        per_sample = max(1, self.rows_per_sample // max(1, self.calls)) * self.groups * (self.inputs + self.group_out) * 24
+        step = max(1, int(chunk_bytes // per_sample))
+        for s in range(0, batch, step):
+            x = self.rows(a[s:s + step]).double()
+            t = self.target_rows(y[s:s + step]).double()
+            if x.shape[1] != t.shape[1]:
+                raise PruningError(f'layer "{self.name}": {x.shape[1]} input rows but {t.shape[1]} dense '
+                                   "target rows; the pruned and dense layers do not compute the same positions")
+            self.xx.baddbmm_(x.transpose(1, 2), x)
+            self.xy.baddbmm_(x.transpose(1, 2), t)
+            self.xs += x.sum(1)
+            self.ys += t.sum(1)
+            self.yy += (t * t).sum((1, 2))
+            self.n += x.shape[1]
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([self.xx.flatten(), self.xs.flatten(), self.xy.flatten(), self.ys.flatten(), self.yy,
+                          self.n.view(1)])
+
+    def packed_size(self) -> int:
+        g, r, f = self.groups, self.inputs, self.group_out
+        return g * (r * r + r + r * f + f + 1) + 1
+
+    def unpack(self, flat: torch.Tensor) -> None:
+        g, r, f = self.groups, self.inputs, self.group_out
+        xx, xs, xy, ys, yy, n = torch.split(flat, [g * r * r, g * r, g * r * f, g * f, g, 1])
+        self.xx, self.xs, self.xy = xx.view(g, r, r), xs.view(g, r), xy.view(g, r, f)
+        self.ys, self.yy, self.n = ys.view(g, f), yy, n[0]
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.module.weight.detach().double().reshape(self.groups, self.group_out, -1).transpose(1, 2)
+        b = (self.module.bias.detach().double() if self.has_bias
+             else torch.zeros(self.out, dtype=torch.float64, device=w.device))
+        return w, b.view(self.groups, self.group_out)
+
+    def residuals(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per group ||X_g w_g + b_g - Y_g||^2 from the accumulated sums."""
+        quad = ((w * (self.xx @ w)).sum((1, 2)) + 2.0 * (b * (self.xs[:, None, :] @ w)[:, 0]).sum(1)
+                + self.n * (b * b).sum(1))
+        cross = (w * self.xy).sum((1, 2)) + (b * self.ys).sum(1)
+        return (quad - 2.0 * cross + self.yy).clamp_min(0.0)
+
+    def error(self, w: torch.Tensor, b: torch.Tensor) -> float:
+        energy = float(self.yy.sum())
+        residual = float(self.residuals(w, b).sum())
+        if energy <= 0.0:
+            return 0.0 if residual <= 0 else math.inf
+        return math.sqrt(residual / energy)
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Every group's ridge system at once; the ridge is relative to each group's own mean input
+        energy (a depthwise channel's scale is its own). Returns the mean absolute ridge."""
+        n, g, r = float(self.n), self.groups, self.inputs
+        xx = self.xx / n
+        lam = ridge * torch.diagonal(xx, dim1=1, dim2=2).sum(1) / max(r, 1)  # [G]
+        k = r + int(self.has_bias)
+        a = torch.zeros(g, k, k, dtype=torch.float64, device=xx.device)
+        a[:, :r, :r] = xx
+        rhs = torch.zeros(g, k, self.group_out, dtype=torch.float64, device=xx.device)
+        rhs[:, :r] = self.xy / n
+        if self.has_bias:
+            a[:, :r, r] = a[:, r, :r] = self.xs / n
+            a[:, r, r] = 1.0
+            rhs[:, r] = self.ys / n
+        a[:, range(r), range(r)] += lam[:, None]
+        factor, info = torch.linalg.cholesky_ex(a)
+        sol = torch.cholesky_solve(rhs, factor)
+        singular = info != 0
+        if bool(singular.any()):  # ridge 0 on rank-deficient inputs (e.g. a dead channel): minimum norm
+            sol[singular] = torch.linalg.pinv(a[singular], hermitian=True) @ rhs[singular]
+        w = sol[:, :r]
+        b = sol[:, r] if self.has_bias else torch.zeros(g, self.group_out, dtype=torch.float64, device=w.device)
+        return w, b, float(lam.mean())
+
+    def refit(self, ridge: float) -> tuple[float, float, float, bool]:
+        """Solve, keep each group's refit only where it lowers that group's residual, write."""
+        w0, b0 = self.current()
+        before = self.residuals(w0, b0)
+        w, b, lam = self.solve(ridge)
+        after = self.residuals(w, b)
+        better = torch.isfinite(w).flatten(1).all(1) & torch.isfinite(b).all(1) & (after <= before)
+        w = torch.where(better[:, None, None], w, w0)
+        b = torch.where(better[:, None], b, b0)
+        self.refit_groups = int(better.sum())
+        if self.refit_groups:
+            self.write(w, b)
+        return self.error(w0, b0), self.error(w, b), lam, self.refit_groups > 0
+
+    def write(self, w: torch.Tensor, b: torch.Tensor) -> None:
+        weight = self.module.weight
+        with torch.no_grad():
+            weight.copy_(w.transpose(1, 2).reshape(weight.shape).to(weight.dtype))
+            if self.has_bias:
+                self.module.bias.copy_(b.reshape(-1).to(self.module.bias.dtype))
+
+
 # ----------------------------------------------------------------------------- collectives
 
 def _agree_on_error(message: str | None, device: torch.device) -> None:
@@ -658,21 +811,31 @@ def _reconstruct(dense, pruned, calibration, plan, index_maps, example_inputs, r
     dense_mods = {n: m for n, m in dense.named_modules() if is_dense_layer(m)}
     pruned_mods = dict(pruned.named_modules())
     skipped = []
-    for name, m in pruned.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1:
-            skipped.append({"name": name, "reason": f"grouped conv (groups={m.groups}): left unchanged"})
     missing = [n for n in dense_mods if not is_dense_layer(pruned_mods.get(n, nn.Identity()))]
     if missing:
         raise UsageError(f"the pruned model lacks dense layers of the dense model ({missing[:3]}): module names "
                          "must be the same (pass PruneResult.model, pruned from this dense model)")
 
     if index_maps is not None:
-        maps = _normalise_maps(index_maps, dense_mods, pruned_mods)
+        maps = _normalise_maps(index_maps, dense_mods, {n: m for n, m in dense.named_modules() if _is_grouped_conv(m)})
     elif plan is not None:
         example = example_inputs if example_inputs is not None else data.first
         maps = index_maps_from_plan(dense, plan, example)
     else:
         maps = {}
+    grouped_mods = {}
+    for name, dm in dense.named_modules():  # refit per group where the kept outputs are known
+        pm = pruned_mods.get(name)
+        if not (_is_grouped_conv(dm) and _is_grouped_conv(pm)):
+            continue
+        imap = maps.get(name, IndexMap())
+        kept = dm.out_channels if imap.kept_out is None else imap.kept_out.numel()
+        if pm.out_channels != kept or dm.kernel_size != pm.kernel_size or dm.stride != pm.stride:
+            skipped.append({"name": name, "reason": f"grouped conv (groups={pm.groups}) whose kept channels are "
+                                                    "not known (pass plan=): left unchanged"})
+            continue
+        grouped_mods[name] = dm
+        maps[name] = imap
     for name, dm in dense_mods.items():
         imap = maps.setdefault(name, IndexMap())
         pw, dw = pruned_mods[name].weight, dm.weight
@@ -688,6 +851,7 @@ def _reconstruct(dense, pruned, calibration, plan, index_maps, example_inputs, r
                              f"{tuple(expect)}; pass the plan that made this pruned model (PruneResult.plan)")
 
     all_layers = {n: _Layer(n, dense_mods[n], pruned_mods[n], maps[n]) for n in dense_mods}
+    all_layers.update({n: _GroupedLayer(n, m, pruned_mods[n], maps[n]) for n, m in grouped_mods.items()})
     depends = _probe(pruned, dense, all_layers, data.first, max(2, data.max_batch), device)
     depends = all_reduce_max(depends)
     names = list(all_layers)
@@ -840,18 +1004,22 @@ def _is_row_selection(layer: _Layer) -> bool:
 
 
 def _refit(layer: _Layer, ridge: float) -> LayerReconstruction:
-    w0, b0 = layer.current()
-    before = layer.error(w0, b0)
-    w, b, lam = layer.solve(ridge)
-    status = "refit"
-    after = layer.error(w, b) if bool(torch.isfinite(w).all() and torch.isfinite(b).all()) else math.inf
-    if after <= before:
-        layer.write(w, b)
+    if isinstance(layer, _GroupedLayer):
+        before, after, lam, refit = layer.refit(ridge)
+        status = "refit" if refit else "kept_original"
     else:
-        after, status = before, "kept_original"
+        w0, b0 = layer.current()
+        before = layer.error(w0, b0)
+        w, b, lam = layer.solve(ridge)
+        status = "refit"
+        after = layer.error(w, b) if bool(torch.isfinite(w).all() and torch.isfinite(b).all()) else math.inf
+        if after <= before:
+            layer.write(w, b)
+        else:
+            after, status = before, "kept_original"
     return LayerReconstruction(
         name=layer.name, error_before=before, error_after=after, ridge_used=lam,
-        kept_in=layer.module.weight.shape[1], kept_out=layer.out, in_before=layer.in_before,
+        kept_in=layer.module.weight.shape[1] * getattr(layer, "groups", 1), kept_out=layer.out, in_before=layer.in_before,
         out_before=layer.out_before, rows=int(layer.n), status=status)
 
 

@@ -203,8 +203,9 @@ class ReconstructConfig(_Strict):
 
     method: Literal["least_squares", "none"] = Field(
         "least_squares", description="least_squares: refit each pruned (and downstream) Conv2d/Linear "
-        "so its outputs on the calibration images match the dense model's (docs/BENCHMARKS.md: ResNet-20 "
-        "at 50 % MACs 9 % -> 82 % top-1 before fine-tuning); none: the paper's method, prune only.")
+        "(grouped and depthwise convs group by group) so its outputs on the calibration images match the "
+        "dense model's (docs/BENCHMARKS.md: ResNet-20 at 50 % MACs 9 % -> 82 % top-1 before fine-tuning); "
+        "none: the paper's method, prune only.")
     ridge: float = Field(1e-3, ge=0, description="Ridge, relative to each layer's mean Gram diagonal "
                          "(measured: 1e-3 best of 0..1e-1 at 256 images).")
     layers: Literal["all", "pruned"] = Field(
@@ -224,8 +225,9 @@ class ReconstructConfig(_Strict):
 class PruneConfig(_Strict):
     method: str = Field("lsq", description="Which channels each group keeps: lsq (the default: greedy "
                         "least-squares selection from the calibration Gram matrices; with the default "
-                        "allocation and reconstruction it was the best measured criterion before training at "
-                        "30 % and at half of the MACs on three networks, docs/BENCHMARKS.md §5), pfp "
+                        "allocation and reconstruction the best measured criterion before training on ResNet-20 "
+                        "and about level with l1 and fpgm on VGG-small and MobileNetV2-small, "
+                        "docs/BENCHMARKS.md §5), pfp "
                         "(Provable Filter Pruning, Liebenwein et al. 2020; the default when variant is "
                         "randomized or hybrid), l1, l2, taylor, fpgm, bn_scale, random, or one registered "
                         "with pfp_deploy.criteria.register_criterion. Groups, allocation, reconstruction and "

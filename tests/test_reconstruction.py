@@ -46,7 +46,7 @@ class ConcatNet(nn.Module):
 
 
 class DepthwiseNet(nn.Module):
-    """conv -> depthwise conv -> conv -> Linear: the depthwise conv is left unchanged."""
+    """conv -> depthwise conv -> conv -> Linear (the depthwise conv is refit per channel)."""
 
     def __init__(self):
         super().__init__()
@@ -193,7 +193,6 @@ def test_shapes_are_kept_on_residual_concat_flatten_and_depthwise_models(arch):
                    reconstruct="none")
     pruned = copy.deepcopy(result.model)
     err0 = output_error(dense, pruned, calib)
-    dw_before = copy.deepcopy(pruned.dw.weight) if arch == "depthwise" else None
     rec = reconstruct(dense, pruned, calib, plan=result.plan)
     with torch.no_grad():
         assert pruned(calib[0]).shape == dense(calib[0]).shape
@@ -202,9 +201,93 @@ def test_shapes_are_kept_on_residual_concat_flatten_and_depthwise_models(arch):
     if arch == "vgg_flatten":  # the flatten -> Linear consumer is refit with feature-level maps
         fc = {layer.name: layer for layer in rec.layers}["classifier.1"]
         assert fc.in_before == 16 * 2 * 2 and fc.kept_in % 4 == 0 and fc.kept_in < fc.in_before
-    if arch == "depthwise":
-        assert torch.equal(pruned.dw.weight, dw_before)
-        assert any(s["name"] == "dw" and "grouped" in s["reason"] for s in rec.skipped)
+    if arch == "depthwise":  # refit per channel, reported with the layer's channel counts
+        dw = {layer.name: layer for layer in rec.layers}["dw"]
+        assert (dw.kept_in, dw.kept_out, dw.in_before, dw.out_before) == (6, 6, 12, 12)
+        assert not rec.skipped
+
+
+class GroupedNet(nn.Module):
+    """conv -> grouped conv (3 groups, 2 outputs per group) -> depthwise conv -> Linear."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.grouped = nn.Conv2d(12, 6, 3, padding=1, groups=3, bias=bias)
+        self.dw = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=bias)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.dw(torch.relu(self.grouped(torch.relu(self.conv1(x)))))
+        return self.fc(torch.relu(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_and_depthwise_convs_are_refit_per_group_exactly(bias):
+    """Each group's outputs are a linear function of its own inputs: with the dense inputs, a grouped
+    or depthwise conv whose weights were disturbed is refit back to the dense weights (~0 error),
+    group by group, and the groups a refit would not improve keep their weights."""
+    torch.manual_seed(0)
+    dense = GroupedNet(bias).eval()
+    calib = batches(4, 32, (3, 8, 8), seed=3)
+    pruned = copy.deepcopy(dense)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        pruned.grouped.weight.add_(0.3 * torch.randn(pruned.grouped.weight.shape, generator=g))
+        pruned.dw.weight[:3].mul_(1.5)  # channels 3..5 keep the dense weights
+    rec = reconstruct(dense, pruned, calib, ridge=0.0)
+    layers = {layer.name: layer for layer in rec.layers}
+    assert layers["grouped"].error_before > 0.1 and layers["grouped"].error_after < 1e-6
+    assert torch.allclose(pruned.grouped.weight, dense.grouped.weight, atol=1e-4)
+    assert torch.allclose(pruned.dw.weight, dense.dw.weight, atol=1e-4)
+    if bias:
+        assert torch.allclose(pruned.dw.bias, dense.dw.bias, atol=1e-4)
+    assert layers["dw"].error_after < 1e-6 and layers["dw"].rows == 4 * 32 * 4 * 4
+    assert output_error(dense, pruned, calib) < 1e-5
+
+
+def test_a_dead_depthwise_channel_with_ridge_0_takes_the_minimum_norm_solution():
+    torch.manual_seed(0)
+    dense = GroupedNet(True).eval()
+    with torch.no_grad():  # grouped output 1 is always 0: dw channel 1's normal equations are singular
+        dense.grouped.weight[1].zero_()
+        dense.grouped.bias[1] = 0.0
+    calib = batches(3, 32, (3, 8, 8), seed=3)
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned.dw.weight.mul_(1.3)
+    rec = reconstruct(dense, pruned, calib, ridge=0.0)
+    dw = {layer.name: layer for layer in rec.layers}["dw"]
+    assert dw.error_after < 1e-6 < dw.error_before
+    assert torch.isfinite(pruned.dw.weight).all()
+    assert float(pruned.dw.weight.detach()[1].abs().max()) == 0.0  # minimum norm: nothing for an input that is 0
+    assert torch.allclose(pruned.dw.bias, dense.dw.bias, atol=1e-5)
+
+
+def test_grouped_layers_follow_a_pruning_plan_and_never_get_worse():
+    """After pruning (the plan gives the kept channels of every grouped conv) the grouped layers are
+    refit, no layer's calibration error goes up, and a grouped conv whose kept channels are unknown
+    (no plan, shapes differ) is left unchanged and reported."""
+    torch.manual_seed(0)
+    dense = GroupedNet(True).eval()
+    calib = batches(4, 32, (3, 8, 8), seed=3)
+    result = prune(dense, calib, calib[0][:1], keep=0.8, tolerance=0.05, reconstruct="none")
+    pruned = copy.deepcopy(result.model)
+    err0 = output_error(dense, pruned, calib)
+    rec = reconstruct(dense, pruned, calib, plan=result.plan)
+    assert pruned.grouped.out_channels < dense.grouped.out_channels  # the plan pruned through both
+    names = {layer.name for layer in rec.layers}
+    assert "dw" in names and "grouped" in names | set(rec.exact)  # exact: dense inputs, dense kept rows
+    assert all(layer.error_after <= layer.error_before + 1e-9 for layer in rec.layers)
+    assert output_error(dense, pruned, calib) <= err0 + 1e-7
+    maps = index_maps_from_plan(dense, result.plan, calib[0][:1])
+    assert maps["dw"].kept_in is None and maps["dw"].kept_out.numel() == pruned.dw.out_channels
+    other = copy.deepcopy(result.model)  # the same maps without the grouped convs' entries
+    rec2 = reconstruct(dense, other, calib, index_maps={n: m for n, m in maps.items() if n not in ("grouped", "dw")})
+    assert {s["name"] for s in rec2.skipped if "not known" in s["reason"]} == {"grouped", "dw"}
+    assert torch.equal(other.dw.weight, result.model.dw.weight)
+    with pytest.raises(UsageError, match="kept_out only"):
+        reconstruct(dense, copy.deepcopy(result.model), calib, index_maps={**maps, "dw": (torch.tensor([0]), None)})
 
 
 def test_independent_branches_share_a_pass():
