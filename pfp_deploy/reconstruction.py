@@ -594,7 +594,10 @@ class _GroupedLayer(_Layer):
         energy (a depthwise channel's scale is its own). Returns the mean absolute ridge."""
         n, g, r = float(self.n), self.groups, self.inputs
         xx = self.xx / n
-        lam = ridge * torch.diagonal(xx, dim1=1, dim2=2).sum(1) / max(r, 1)  # [G]
+        energy = torch.diagonal(xx, dim1=1, dim2=2).sum(1) / max(r, 1)  # [G] mean input energy per group
+        # A dead group (all-zero inputs) would get no ridge and a singular system; a floor from the layer's
+        # mean keeps it solvable (w = 0, b = the target mean) and its solution independent of summation order.
+        lam = ridge * torch.maximum(energy, 1e-6 * energy.mean())
         k = r + int(self.has_bias)
         a = torch.zeros(g, k, k, dtype=torch.float64, device=xx.device)
         a[:, :r, :r] = xx
