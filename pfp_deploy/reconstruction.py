@@ -378,6 +378,7 @@ class _Layer:
         self.kept_out = None if imap.kept_out is None else imap.kept_out.to(w.device)
         self.in_before = dense_mod.weight.shape[1]
         self.out_before = dense_mod.weight.shape[0]
+        self.groups, self.group_out = 1, self.out  # _GroupedLayer: conv groups, outputs per group
         self.calls = 0         # calls per forward (the probe counts them)
         self.rows_per_sample = 0
         self.order = 0
@@ -422,20 +423,24 @@ class _Layer:
     def accumulate(self, a: torch.Tensor, y: torch.Tensor, chunk_bytes: float) -> None:
         a = a.detach().float()
         batch = a.shape[0]
-        per_sample = max(1, self.rows_per_sample // max(1, self.calls)) * (self.inputs + self.out) * 24
+        per_sample = (max(1, self.rows_per_sample // max(1, self.calls)) * self.groups
+                      * (self.inputs + self.group_out) * 24)
         step = max(1, int(chunk_bytes // per_sample))
         for s in range(0, batch, step):
             x = self.rows(a[s:s + step]).double()
             t = self.target_rows(y[s:s + step]).double()
-            if x.shape[0] != t.shape[0]:
-                raise PruningError(f'layer "{self.name}": {x.shape[0]} input rows but {t.shape[0]} dense '
+            if x.shape[-2] != t.shape[-2]:
+                raise PruningError(f'layer "{self.name}": {x.shape[-2]} input rows but {t.shape[-2]} dense '
                                    "target rows; the pruned and dense layers do not compute the same positions")
-            self.xx.addmm_(x.t(), x)
-            self.xy.addmm_(x.t(), t)
-            self.xs += x.sum(0)
-            self.ys += t.sum(0)
-            self.yy += (t * t).sum()
-            self.n += x.shape[0]
+            self._add(x, t)
+
+    def _add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self.xx.addmm_(x.t(), x)
+        self.xy.addmm_(x.t(), t)
+        self.xs += x.sum(0)
+        self.ys += t.sum(0)
+        self.yy += (t * t).sum()
+        self.n += x.shape[0]
 
     def packed(self) -> torch.Tensor:
         return torch.cat([self.xx.flatten(), self.xs, self.xy.flatten(), self.ys, self.yy.view(1), self.n.view(1)])
@@ -512,7 +517,6 @@ class _GroupedLayer(_Layer):
         self.groups = pruned_mod.groups
         self.group_out = self.out // self.groups  # self.inputs (R) is already per group: in/groups x kh x kw
         self.in_before = dense_mod.in_channels
-        self.refit_groups = 0
 
     def gram_bytes(self) -> float:
         k = self.unknowns + 1
@@ -537,23 +541,13 @@ class _GroupedLayer(_Layer):
         return y.reshape(batch, self.groups, self.group_out, -1).permute(1, 0, 3, 2).reshape(self.groups, -1,
                                                                                               self.group_out)
 
-    def accumulate(self, a: torch.Tensor, y: torch.Tensor, chunk_bytes: float) -> None:
-        a = a.detach().float()
-        batch = a.shape[0]
-        per_sample = max(1, self.rows_per_sample // max(1, self.calls)) * self.groups * (self.inputs + self.group_out) * 24
-        step = max(1, int(chunk_bytes // per_sample))
-        for s in range(0, batch, step):
-            x = self.rows(a[s:s + step]).double()
-            t = self.target_rows(y[s:s + step]).double()
-            if x.shape[1] != t.shape[1]:
-                raise PruningError(f'layer "{self.name}": {x.shape[1]} input rows but {t.shape[1]} dense '
-                                   "target rows; the pruned and dense layers do not compute the same positions")
-            self.xx.baddbmm_(x.transpose(1, 2), x)
-            self.xy.baddbmm_(x.transpose(1, 2), t)
-            self.xs += x.sum(1)
-            self.ys += t.sum(1)
-            self.yy += (t * t).sum((1, 2))
-            self.n += x.shape[1]
+    def _add(self, x: torch.Tensor, t: torch.Tensor) -> None:  # x [G, n, R], t [G, n, F/G]
+        self.xx.baddbmm_(x.transpose(1, 2), x)
+        self.xy.baddbmm_(x.transpose(1, 2), t)
+        self.xs += x.sum(1)
+        self.ys += t.sum(1)
+        self.yy += (t * t).sum((1, 2))
+        self.n += x.shape[1]
 
     def packed(self) -> torch.Tensor:
         return torch.cat([self.xx.flatten(), self.xs.flatten(), self.xy.flatten(), self.ys.flatten(), self.yy,
@@ -626,10 +620,10 @@ class _GroupedLayer(_Layer):
         better = torch.isfinite(w).flatten(1).all(1) & torch.isfinite(b).all(1) & (after <= before)
         w = torch.where(better[:, None, None], w, w0)
         b = torch.where(better[:, None], b, b0)
-        self.refit_groups = int(better.sum())
-        if self.refit_groups:
+        refit = bool(better.any())
+        if refit:
             self.write(w, b)
-        return self.error(w0, b0), self.error(w, b), lam, self.refit_groups > 0
+        return self.error(w0, b0), self.error(w, b), lam, refit
 
     def write(self, w: torch.Tensor, b: torch.Tensor) -> None:
         weight = self.module.weight
@@ -1022,7 +1016,7 @@ def _refit(layer: _Layer, ridge: float) -> LayerReconstruction:
             after, status = before, "kept_original"
     return LayerReconstruction(
         name=layer.name, error_before=before, error_after=after, ridge_used=lam,
-        kept_in=layer.module.weight.shape[1] * getattr(layer, "groups", 1), kept_out=layer.out, in_before=layer.in_before,
+        kept_in=layer.module.weight.shape[1] * layer.groups, kept_out=layer.out, in_before=layer.in_before,
         out_before=layer.out_before, rows=int(layer.n), status=status)
 
 
