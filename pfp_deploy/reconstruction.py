@@ -464,12 +464,15 @@ class _Layer:
              else torch.zeros(self.out, dtype=torch.float64, device=w.device))
         return w, b
 
-    def error(self, w: torch.Tensor, b: torch.Tensor) -> float:
-        """sqrt(||X w + b - Y||^2 / ||Y||^2) from the accumulated sums."""
+    def residual(self, w: torch.Tensor, b: torch.Tensor) -> float:
+        """||X w + b - Y||^2 from the accumulated sums."""
         quad = (w * (self.xx @ w)).sum() + 2.0 * (b * (self.xs @ w)).sum() + self.n * (b * b).sum()
         cross = (w * self.xy).sum() + (b * self.ys).sum()
-        residual = float(quad - 2.0 * cross + self.yy)
-        energy = float(self.yy)
+        return float(quad - 2.0 * cross + self.yy)
+
+    def error(self, w: torch.Tensor, b: torch.Tensor) -> float:
+        """sqrt(||X w + b - Y||^2 / ||Y||^2) from the accumulated sums."""
+        residual, energy = self.residual(w, b), float(self.yy.sum())
         if energy <= 0.0:
             return 0.0 if residual <= 0 else math.inf
         return math.sqrt(max(residual, 0.0) / energy)
@@ -498,6 +501,18 @@ class _Layer:
         w = sol[:r]
         b = sol[r] if self.has_bias else torch.zeros(self.out, dtype=torch.float64, device=w.device)
         return w, b, lam
+
+    def refit(self, ridge: float) -> tuple[float, float, float, bool]:
+        """Solve and write the refit when it lowers the calibration error: (error before, error after,
+        absolute ridge, whether the weights were replaced)."""
+        w0, b0 = self.current()
+        before = self.error(w0, b0)
+        w, b, lam = self.solve(ridge)
+        after = self.error(w, b) if bool(torch.isfinite(w).all() and torch.isfinite(b).all()) else math.inf
+        if after <= before:
+            self.write(w, b)
+            return before, after, lam, True
+        return before, before, lam, False
 
     def write(self, w: torch.Tensor, b: torch.Tensor) -> None:
         weight = self.module.weight
@@ -576,12 +591,8 @@ class _GroupedLayer(_Layer):
         cross = (w * self.xy).sum((1, 2)) + (b * self.ys).sum(1)
         return (quad - 2.0 * cross + self.yy).clamp_min(0.0)
 
-    def error(self, w: torch.Tensor, b: torch.Tensor) -> float:
-        energy = float(self.yy.sum())
-        residual = float(self.residuals(w, b).sum())
-        if energy <= 0.0:
-            return 0.0 if residual <= 0 else math.inf
-        return math.sqrt(residual / energy)
+    def residual(self, w: torch.Tensor, b: torch.Tensor) -> float:
+        return float(self.residuals(w, b).sum())
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Every group's ridge system at once; the ridge is relative to each group's own mean input
@@ -806,6 +817,7 @@ def _reconstruct(dense, pruned, calibration, plan, index_maps, example_inputs, r
     total_samples = int(all_reduce_sum(torch.tensor([float(data.samples)], device=device, dtype=torch.float64))[0])
 
     dense_mods = {n: m for n, m in dense.named_modules() if is_dense_layer(m)}
+    dense_grouped = {n: m for n, m in dense.named_modules() if _is_grouped_conv(m)}
     pruned_mods = dict(pruned.named_modules())
     skipped = []
     missing = [n for n in dense_mods if not is_dense_layer(pruned_mods.get(n, nn.Identity()))]
@@ -814,16 +826,16 @@ def _reconstruct(dense, pruned, calibration, plan, index_maps, example_inputs, r
                          "must be the same (pass PruneResult.model, pruned from this dense model)")
 
     if index_maps is not None:
-        maps = _normalise_maps(index_maps, dense_mods, {n: m for n, m in dense.named_modules() if _is_grouped_conv(m)})
+        maps = _normalise_maps(index_maps, dense_mods, dense_grouped)
     elif plan is not None:
         example = example_inputs if example_inputs is not None else data.first
         maps = index_maps_from_plan(dense, plan, example)
     else:
         maps = {}
     grouped_mods = {}
-    for name, dm in dense.named_modules():  # refit per group where the kept outputs are known
+    for name, dm in dense_grouped.items():  # refit per group where the kept outputs are known
         pm = pruned_mods.get(name)
-        if not (_is_grouped_conv(dm) and _is_grouped_conv(pm)):
+        if not _is_grouped_conv(pm):
             continue
         imap = maps.get(name, IndexMap())
         kept = dm.out_channels if imap.kept_out is None else imap.kept_out.numel()
@@ -1001,19 +1013,8 @@ def _is_row_selection(layer: _Layer) -> bool:
 
 
 def _refit(layer: _Layer, ridge: float) -> LayerReconstruction:
-    if isinstance(layer, _GroupedLayer):
-        before, after, lam, refit = layer.refit(ridge)
-        status = "refit" if refit else "kept_original"
-    else:
-        w0, b0 = layer.current()
-        before = layer.error(w0, b0)
-        w, b, lam = layer.solve(ridge)
-        status = "refit"
-        after = layer.error(w, b) if bool(torch.isfinite(w).all() and torch.isfinite(b).all()) else math.inf
-        if after <= before:
-            layer.write(w, b)
-        else:
-            after, status = before, "kept_original"
+    before, after, lam, replaced = layer.refit(ridge)
+    status = "refit" if replaced else "kept_original"
     return LayerReconstruction(
         name=layer.name, error_before=before, error_after=after, ridge_used=lam,
         kept_in=layer.module.weight.shape[1] * layer.groups, kept_out=layer.out, in_before=layer.in_before,
