@@ -131,10 +131,13 @@ def _training_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: 
     return (1 - alpha) * ce + alpha * distillation_loss(logits, teacher_logits, cfg.distill.temperature)
 
 
-def distills(cfg: TrainConfig) -> bool:
-    """Whether `cfg` trains against a teacher: fine-tuning with distill.enabled (pre-training never)."""
+def distills(cfg: TrainConfig, teacher_given: bool = True) -> bool:
+    """Whether `cfg` trains against a teacher: fine-tuning with distill.enabled true, or "auto" when a
+    teacher is given (pre-training never; alpha 0 never)."""
     distill = getattr(cfg, "distill", None)
-    return bool(distill is not None and distill.enabled and distill.alpha > 0)
+    if distill is None or distill.enabled is False or distill.alpha == 0:
+        return False
+    return distill.enabled is True or teacher_given
 
 
 # ---------------------------------------------------------------------------------- small helpers
@@ -382,10 +385,11 @@ def finetune(
         dist = DistContext(device=torch.device(device))
     device = dist.device
     use_amp = _resolve_amp(cfg.amp, device)
-    if distills(cfg) and teacher is None:
-        raise UsageError(f"finetune.distill is enabled (alpha {cfg.distill.alpha}) but no teacher model was "
-                         "given; pass teacher=... or set distill.enabled: false.")
-    teacher = teacher if distills(cfg) else None  # skip the teacher's forward when unused
+    distilling = distills(cfg, teacher_given=teacher is not None)
+    if distilling and teacher is None:
+        raise UsageError(f"finetune.distill.enabled is true (alpha {cfg.distill.alpha}) but no teacher model was "
+                         "given; pass teacher=... or set distill.enabled: auto or false.")
+    teacher = teacher if distilling else None  # skip the teacher's forward when unused
     channels_last = _resolve_channels_last(cfg.channels_last, device, model)
 
     model.to(device)

@@ -24,7 +24,7 @@ from pfp_deploy.data import DataBundle, calibration_size, calibration_subset, ma
 from pfp_deploy.distributed import DistContext, all_reduce_max, wrap_loader_for_distributed
 from pfp_deploy.errors import RuntimeUnavailableError, UsageError, did_you_mean
 from pfp_deploy.export import check_parity, export_hashes, export_onnx, export_openvino, verify_export
-from pfp_deploy.finetune import evaluate, finetune, recalibrate_batchnorm
+from pfp_deploy.finetune import distills, evaluate, finetune, recalibrate_batchnorm
 from pfp_deploy.models import architecture_config, build_model, model_label, save_pruned
 from pfp_deploy.pfp import sensitivity as pfp_sensitivity
 from pfp_deploy.pfp.sensitivity import _first_tensor
@@ -196,9 +196,9 @@ def sensitivities(model: nn.Module, calibration, progress: bool) -> dict[str, to
 
 def finetune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Module, plan: Plan, dense: nn.Module,
                   data: DataBundle, progress: bool) -> tuple[nn.Module, Plan, dict]:
-    """Fine-tune (DDP under torchrun), distilling from the dense model when enabled; resumes from last.pt.
+    """Fine-tune (DDP under torchrun), distilling from the dense model unless distill.enabled is false; resumes from last.pt.
     Returns the model, its plan and {"report": FinetuneStep}."""
-    teacher = dense if recipe.finetune.distill.enabled else None
+    teacher = dense if distills(recipe.finetune) else None
     result = finetune(model, data.train_loader, data.val_loader, recipe.finetune, teacher=teacher,
                       device=run.dist.device, checkpoint_dir=run.path / "checkpoints" / f"finetune{step}",
                       resume=True, progress=progress, dist=run.dist)

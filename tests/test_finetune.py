@@ -116,6 +116,22 @@ def test_distillation_from_identical_teacher_has_zero_loss():
     assert other.history[0]["train_loss"] > 1e-3
 
 
+def test_distillation_auto_follows_the_teacher():
+    """distill.enabled "auto" (the default) distils exactly when a teacher is given; false ignores one."""
+    student = tiny_net(batchnorm=False)
+    assert FinetuneConfig().distill.enabled == "auto"
+
+    def first_loss(enabled, teacher):
+        cfg = FinetuneConfig(epochs=1, optimizer={"lr": 0.0}, scheduler="none",
+                             distill={"enabled": enabled, "alpha": 1.0, "temperature": 3.0})
+        return run(copy.deepcopy(student), cfg, teacher=teacher).history[0]["train_loss"]
+
+    labels_only = first_loss("auto", None)
+    assert labels_only > 1e-3  # cross-entropy of an untrained net
+    assert first_loss("auto", copy.deepcopy(student)) < 1e-6  # pure KD against itself
+    assert first_loss(False, copy.deepcopy(student)) == pytest.approx(labels_only)
+
+
 def test_the_teacher_is_a_folded_copy_and_both_models_come_back_as_given():
     """Distillation runs a frozen copy of the teacher (BN folded into the conv, channels_last on CPU):
     its logits are the teacher's, and the caller's teacher keeps its modes and weights; the student

@@ -187,7 +187,11 @@ def test_training_config_is_the_loops_config():
     assert isinstance(recipe.finetune, FinetuneConfig)  # one schema: the loop takes the section as is
     assert (recipe.finetune.optimizer.name, recipe.finetune.optimizer.lr, recipe.finetune.distill.alpha) == \
         ("adamw", 0.001, 0.7)
-    assert distills(recipe.finetune) and not distills(load_recipe(MINIMAL).finetune)  # off by default
+    assert distills(recipe.finetune) and distills(recipe.finetune, teacher_given=False)  # true: one is required
+    # "auto" by default: the pipeline (it always has the dense model) distils; finetune() without a teacher does not
+    minimal = load_recipe(MINIMAL).finetune
+    assert minimal.distill.enabled == "auto" and distills(minimal) and not distills(minimal, teacher_given=False)
+    assert not distills(load_recipe(with_("finetune", distill={"enabled": False})).finetune)
 
 
 def test_repair_defaults_follow_the_measurements():
