@@ -55,7 +55,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
     Raises RecipeError with every problem, one line each, naming the dotted key (and file line).
     """
     overrides = list(overrides)
-    origin, lines = "recipe", {}
+    origin, lines = "", {}  # a file's path; empty for a dict or Recipe (nothing to point at)
     if isinstance(source, Recipe):
         if not overrides:
             return source
@@ -253,7 +253,7 @@ def _format_errors(exc: ValidationError, origin: str, lines: dict[tuple, int], o
         prefix = _where(loc, origin, lines, overridden)
         out.append(f"  {prefix}{_dotted(loc) or '(top level)'}: {msg}")
     noun = "problem" if len(out) == 1 else "problems"
-    return f"Invalid recipe {origin} ({len(out)} {noun}):\n" + "\n".join(out)
+    return f"Invalid recipe{' ' + origin if origin else ''} ({len(out)} {noun}):\n" + "\n".join(out)
 
 
 def _problems(exc: ValidationError, root: type[BaseModel]) -> list[tuple[tuple, str]]:

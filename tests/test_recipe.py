@@ -69,7 +69,7 @@ def test_all_errors_reported_at_once():
     recipe = with_("prune", keep=1.5, varient="hybrid")
     recipe["data"] = {"format": "synthetic", "batch_size": "big"}
     message = error_of(recipe)
-    assert "(3 problems)" in message
+    assert message.startswith("Invalid recipe (3 problems):")  # a dict: no file to name
     assert "prune.keep: must be in (0, 1], got 1.5" in message
     assert 'prune.varient: unknown key. Did you mean "prune.variant"?' in message
     assert "data.batch_size: expected a valid integer, got 'big'" in message
@@ -80,6 +80,8 @@ def test_wrong_types_and_values_name_the_path():
     message = error_of(with_("data", format="fashion_mnst"))
     assert "data.format: unknown data format 'fashion_mnst'" in message and 'Did you mean "fashion_mnist"?' in message
     assert "finetune.amp: expected 'auto' or a valid boolean, got 'maybe'" in error_of(with_("finetune", amp="maybe"))
+    assert "finetune.distill.enabled: expected 'auto' or a valid boolean, got 'sometimes'" in \
+        error_of(with_("finetune", distill={"enabled": "sometimes"}))
     assert "prune: expected a mapping" in error_of({**MINIMAL, "prune": 3})
     assert "model.input_shape: must be [N, C, H, W]" in error_of(with_("model", input_shape=[1, 3, 32]))
     assert "name: must be a plain directory name" in error_of({**MINIMAL, "name": "my run"})
