@@ -40,7 +40,8 @@ def _finetuning(run_dir):
 
 
 def test_a_locked_run_is_refused_with_its_holder_and_sigterm_ends_it_like_ctrl_c(tmp_path):
-    long = tiny_recipe(finetune={"epochs": 500, "max_steps_per_epoch": 2})  # still running when we look
+    # Runs until the signal: 500 epochs of 2 steps once finished (exit 0) before the SIGTERM on a loaded machine.
+    long = tiny_recipe(finetune={"epochs": 100_000, "max_steps_per_epoch": 2})
     recipe = write_recipe(tmp_path / "long.yaml", long)
     runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "tiny"
     first = _cli("optimize", "--recipe", str(recipe), "--output-dir", str(runs))
