@@ -61,6 +61,7 @@ from pfp_deploy.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_ROOT,
     FASHION_MNIST_STD,
+    TensorImages,
     build_data,
     count_output_units,
     load_fashion_mnist,
@@ -118,6 +119,7 @@ class Settings:
     ft_epochs: int = 1
     ft_lr: float = 0.01
     ft_distill: bool = False  # distil from the dense model (T 4, alpha 0.5: the quickstart's) while fine-tuning
+    ft_augment: bool = False  # fine-tune on augmented images (the product's pad-2 crop + flip; its default is off)
     batch_size: int = 64
     # calibration images per seed, pfp-deploy's default ("auto": the paper's size); also the refit's and Taylor's data
     calib: str = str(DEFAULT_CALIBRATION_SAMPLES)
@@ -183,30 +185,42 @@ class Data:
     train_y: torch.Tensor
     test_loader: DataLoader
     example: torch.Tensor  # one real test image, [1, 1, 28, 28]
+    train_images: torch.Tensor  # the raw uint8 training images [N, 28, 28], for the augmenting dataset
+
+    def indices(self, n: int, seed: int) -> torch.Tensor:
+        return torch.tensor(seeded_indices(len(self.train_y), min(n, len(self.train_y)), seed))
 
     def subset(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.tensor(seeded_indices(len(self.train_y), min(n, len(self.train_y)), seed))
+        idx = self.indices(n, seed)
         return self.train_x[idx], self.train_y[idx]
 
-    def loader(self, n: int, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
-        x, y = self.subset(n, seed)
+    def loader(self, n: int, seed: int, batch_size: int, shuffle: bool, augment: bool = False) -> DataLoader:
+        """A seeded draw of n training images; augment: through the product's own augmenting dataset."""
+        idx = self.indices(n, seed)
+        y = self.train_y[idx]
+        if augment:
+            dataset = TensorImages(self.train_images[idx], y, 1, tuple(self.train_x.shape[-2:]), FASHION_MNIST_MEAN,
+                                   FASHION_MNIST_STD, augment=True)
+        else:
+            dataset = TensorDataset(self.train_x[idx], y)
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator,
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                           drop_last=shuffle and len(y) > batch_size)  # no size-1 BatchNorm batch
 
 
 def load_data(s: Settings) -> Data:
-    def prepare(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = load_fashion_mnist(s.data_root, split)
         x = (images.float().div(255).unsqueeze(1) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
-        return x, labels.long()
+        return x, labels.long(), images
 
-    train_x, train_y = prepare("train")
-    test_x, test_y = prepare("test")
+    train_x, train_y, train_images = prepare("train")
+    test_x, test_y, _ = prepare("test")
     if s.test_subset < len(test_y):
         keep = torch.tensor(seeded_indices(len(test_y), s.test_subset, 12345))
         test_x, test_y = test_x[keep], test_y[keep]
-    return Data(train_x, train_y, DataLoader(TensorDataset(test_x, test_y), batch_size=500), test_x[:1].clone())
+    return Data(train_x, train_y, DataLoader(TensorDataset(test_x, test_y), batch_size=500), test_x[:1].clone(),
+                train_images)
 
 
 def top1(model: nn.Module, data: Data) -> float:
@@ -378,7 +392,8 @@ def run_finetune(model_name: str, criterion: str, allocation: str, recon: str, k
     """The fixed short fine-tune: s.ft_epochs over a seeded s.ft_subset draw, the same for every method."""
     model = copy.deepcopy(model)
     started = time.perf_counter()
-    finetune(model, data.loader(s.ft_subset, seed, s.batch_size, shuffle=True), None, finetune_cfg(s, seed),
+    finetune(model, data.loader(s.ft_subset, seed, s.batch_size, shuffle=True, augment=s.ft_augment), None,
+             finetune_cfg(s, seed),
              teacher=dense if s.ft_distill else None, progress=False)
     seconds = time.perf_counter() - started
     return {"kind": "ft", "model": model_name, "criterion": criterion, "allocation": allocation,
@@ -514,7 +529,8 @@ def markdown(results: dict) -> str:
              f"subset. Calibration: {s['calib']} images per seed (\"auto\": the paper's size), used for scoring, "
              f"allocation and reconstruction. Fine-tune: {s['ft_epochs']} epoch(s) on {s['ft_subset']} training "
              f"images (SGD lr {s['ft_lr']}, momentum 0.9, cosine, batch {s['batch_size']}"
-             f"{', distilled from the dense model' if s.get('ft_distill') else ''}), the same draw for every "
+             f"{', distilled from the dense model' if s.get('ft_distill') else ''}"
+             f"{', augmented (pad-2 crop + flip)' if s.get('ft_augment') else ', not augmented'}), the same draw for every "
              f"method. MACs by tp.utils.count_ops_and_params.", ""]
     if results.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class DataBundle:
     """Everything the pipeline needs from the data section."""
 
-    train_loader: DataLoader
+    train_loader: DataLoader  # data.augment's training transforms (model.pretrain; finetune.augment: true)
     val_loader: DataLoader
     calib_dataset: Dataset  # training images with evaluation transforms (full set)
     num_classes: int
@@ -52,6 +52,12 @@ class DataBundle:
     num_workers: int = 0
     seed: int = 0
     calib_loader: DataLoader | None = None  # data.calibration_samples draws when it is an int
+    # the training images with evaluation transforms, shuffled like train_loader: the fine-tune's default
+    plain_train_loader: DataLoader | None = None
+
+    def finetune_loader(self, augment: bool) -> DataLoader:
+        """The fine-tune's training loader: augmented (train_loader) or not (finetune.augment)."""
+        return self.train_loader if augment or self.plain_train_loader is None else self.plain_train_loader
 
     def calibration_loader(self, n: int, seed: int | None = None, shard: tuple[int, int] | None = None,
                            batch_size: int | None = None) -> DataLoader:
@@ -116,6 +122,8 @@ def build_data(data_cfg: Any, model_input_shape: Sequence[int]) -> DataBundle:
     bundle = DataBundle(
         train_loader=make_loader(train, batch, shuffle=True, num_workers=workers, seed=seed,
                                  drop_last=len(train) > batch),  # no size-1 batch for BatchNorm
+        plain_train_loader=make_loader(calib, batch, shuffle=True, num_workers=workers, seed=seed,
+                                       drop_last=len(calib) > batch),
         val_loader=make_loader(val, batch, shuffle=False, num_workers=workers),
         calib_dataset=calib, num_classes=len(class_names), in_channels=channels, image_size=size,
         class_names=class_names, meaningful_accuracy=meaningful, description=description,

@@ -146,7 +146,8 @@ class DataConfig(_Strict):
         None, ge=8, description="Square input size. None: from model.input_shape, else 28 for "
         "fashion_mnist, 224 for imagefolder, 32 for synthetic.")
     augment: bool = Field(True, description="Training augmentation: random-resized-crop + flip "
-                          "(imagefolder), random crop with 2-pixel padding + flip (fashion_mnist).")
+                          "(imagefolder), random crop with 2-pixel padding + flip (fashion_mnist), for "
+                          "model.pretrain, and for the fine-tune when finetune.augment is true.")
     mean: list[float] | None = Field(
         None, description="Per-channel normalisation mean. None: Fashion-MNIST's (0.2860) or "
         "ImageNet's.")
@@ -425,6 +426,14 @@ class FinetuneConfig(TrainConfig):
     `finetune` section, or `model.pretrain` without distillation."""
 
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Knowledge distillation.")
+    # false, not data.augment: the pruned model starts next to its teacher, and a short fine-tune on augmented
+    # images ended lower on every network measured (docs/BENCHMARKS.md §5, "Sixth run": keep 0.5, one distilled
+    # epoch, 3 seeds: ResNet-20 -0.24, VGG-small -0.17, MobileNetV2-small -0.37 points).
+    augment: bool = Field(
+        False, description="Fine-tune on augmented training images (data.augment's transforms; the pipeline only: "
+        "finetune() trains on the loader it is given). false (the default): the training images as evaluated, "
+        "which measured better after pruning (fine-tunes of 1-3 epochs; for long ones, measure true as well). "
+        "model.pretrain always uses data.augment.")
 
 
 ModelConfig.model_rebuild()

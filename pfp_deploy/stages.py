@@ -196,12 +196,14 @@ def sensitivities(model: nn.Module, calibration, progress: bool) -> dict[str, to
 
 def finetune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Module, plan: Plan, dense: nn.Module,
                   data: DataBundle, progress: bool) -> tuple[nn.Module, Plan, dict]:
-    """Fine-tune (DDP under torchrun), distilling from the dense model unless distill.enabled is false; resumes from last.pt.
+    """Fine-tune (DDP under torchrun), distilling from the dense model unless distill.enabled is false, on the
+    training images without augmentation unless finetune.augment is true; resumes from last.pt.
     Returns the model, its plan and {"report": FinetuneStep}."""
     teacher = dense if distills(recipe.finetune) else None
-    result = finetune(model, data.train_loader, data.val_loader, recipe.finetune, teacher=teacher,
-                      device=run.dist.device, checkpoint_dir=run.path / "checkpoints" / f"finetune{step}",
-                      resume=True, progress=progress, dist=run.dist)
+    result = finetune(model, data.finetune_loader(recipe.finetune.augment), data.val_loader, recipe.finetune,
+                      teacher=teacher, device=run.dist.device,
+                      checkpoint_dir=run.path / "checkpoints" / f"finetune{step}", resume=True, progress=progress,
+                      dist=run.dist)
     history = to_jsonable([_percent(h) for h in result.history])
     final = Accuracy(top1=history[-1]["val_top1"], top5=history[-1]["val_top5"]) if history else \
         accuracy(model, data, run.dist)

@@ -99,6 +99,25 @@ def test_fashion_bundle_from_fake_files(tmp_path):
     assert x3.shape == (8, 3, 32, 32) and torch.equal(x3[:, 0], x3[:, 2])
 
 
+def test_the_finetune_loader_is_unaugmented_unless_asked(tmp_path):
+    """finetune.augment false (the default): the fine-tune reads the training images as evaluated (calib_dataset's
+    transforms), shuffled; true: train_loader's augmented images (data.augment)."""
+    root = fake_fashion(tmp_path / "fm")
+    bundle = build_data(DataConfig(format="fashion_mnist", root=str(root), batch_size=40, augment=True), [1, 1, 28, 28])
+    plain = bundle.finetune_loader(augment=False)
+    assert bundle.finetune_loader(augment=True) is bundle.train_loader
+    assert plain is not bundle.train_loader and not plain.dataset.augment and bundle.train_loader.dataset.augment
+    def first_batch(loader):
+        loader.generator.manual_seed(0)  # the same shuffle each time: what differs is the images' transforms
+        return next(iter(loader))[0]
+
+    evaluated = torch.stack([bundle.calib_dataset[i][0] for i in range(40)])
+    x = first_batch(plain)
+    assert torch.equal(x, first_batch(plain)) and not torch.equal(x, evaluated)  # shuffled, never cropped or flipped
+    assert torch.equal(x.flatten(1).sort(0).values, evaluated.flatten(1).sort(0).values)
+    assert not torch.equal(first_batch(bundle.train_loader), first_batch(bundle.train_loader))  # random crops/flips
+
+
 def test_subsets_are_seeded():
     cfg = DataConfig(format="synthetic", train_subset=30, seed=3)
     first = build_data(cfg, [1, 3, 16, 16]).train_loader.dataset.indices
