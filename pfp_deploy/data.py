@@ -40,6 +40,7 @@ class DataBundle:
     """Everything the pipeline needs from the data section."""
 
     train_loader: DataLoader  # data.augment's training transforms (model.pretrain; finetune.augment: true)
+    plain_train_loader: DataLoader  # the same images with evaluation transforms, shuffled: the fine-tune's default
     val_loader: DataLoader
     calib_dataset: Dataset  # training images with evaluation transforms (full set)
     num_classes: int
@@ -52,12 +53,10 @@ class DataBundle:
     num_workers: int = 0
     seed: int = 0
     calib_loader: DataLoader | None = None  # data.calibration_samples draws when it is an int
-    # the training images with evaluation transforms, shuffled like train_loader: the fine-tune's default
-    plain_train_loader: DataLoader | None = None
 
     def finetune_loader(self, augment: bool) -> DataLoader:
         """The fine-tune's training loader: augmented (train_loader) or not (finetune.augment)."""
-        return self.train_loader if augment or self.plain_train_loader is None else self.plain_train_loader
+        return self.train_loader if augment else self.plain_train_loader
 
     def calibration_loader(self, n: int, seed: int | None = None, shard: tuple[int, int] | None = None,
                            batch_size: int | None = None) -> DataLoader:
