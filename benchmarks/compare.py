@@ -4,7 +4,10 @@ Every cell prunes a dense model to a fraction of its MACs with pfp_deploy.prunin
 the three stages separately:
 
   top-1 pruned-only    the same plan's channels removed, nothing repaired (no refit)
-  top-1 + recon        the same channels, then least-squares refit on the calibration set (no training)
+  top-1 + refit        the same channels, then least-squares refit on the calibration set (closed form)
+  top-1 + recon        the refit model after prune()'s calibration distillation (--distill-epochs passes
+                       over the same calibration images, KL to the dense model; no other data): the
+                       product's whole repair, and what the fine-tune starts from
   top-1 + fine-tune    the +recon model (or the pruned-only one, for the cells marked so) after one
                        fixed short fine-tune: the same epochs, images, optimizer and seed for every method
 
@@ -55,6 +58,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pfp_deploy.architectures import BUILTIN_MODELS
 from pfp_deploy.bench import hardware_fingerprint
+from pfp_deploy.calibration_distill import DEFAULT_EPOCHS as DEFAULT_DISTILL_EPOCHS
+from pfp_deploy.calibration_distill import distill_on_calibration
 from pfp_deploy.criteria import get_criterion
 from pfp_deploy.criteria._scorer import GroupScorer
 from pfp_deploy.data import (
@@ -93,7 +98,7 @@ CORE_CELLS = ([(c, a) for a in ("cost_aware", "cost_aware_norefit") for c in CRI
                  ("lsq", "uniform")])
 # the paper's configuration, torch-pruning's usual one, prune()'s default
 REFERENCE_FT = [("pfp", "paper", "none"), ("l1", "uniform", "none"), ("pfp", "cost_aware", "least_squares")]
-CELLS_FORMAT = 3  # bump when a row's meaning changes, so stale cells.jsonl rows are not reused
+CELLS_FORMAT = 4  # bump when a row's meaning changes, so stale cells.jsonl rows are not reused
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -123,6 +128,7 @@ class Settings:
     batch_size: int = 64
     # calibration images per seed, pfp-deploy's default ("auto": the paper's size); also the refit's and Taylor's data
     calib: str = str(DEFAULT_CALIBRATION_SAMPLES)
+    distill_epochs: int = DEFAULT_DISTILL_EPOCHS  # calibration distillation after the refit (0: the refit alone)
     tolerance: float = 0.01  # prune(): |achieved - keep| on MACs
     threads: int = 1
     deadline: str = ""  # "HH:MM" (UTC): start no new cell after it; the rest is listed as not run
@@ -350,7 +356,7 @@ def run_cell(model_name: str, criterion: str, allocation: str, keep: float, seed
         warnings.simplefilter("ignore")
         result = pfp_prune(dense, calibration, data.example, keep=keep, metric="macs", method=criterion,
                            allocation=allocation, seed=seed, tolerance=s.tolerance,
-                           sensitivities=shared.get("sensitivities"))
+                           sensitivities=shared.get("sensitivities"), reconstruct={"distill": {"epochs": 0}})
     seconds = dict(result.report.get("seconds") or {})
     if "sensitivities" not in shared:
         shared["sensitivities"] = result.sensitivities
@@ -372,7 +378,14 @@ def run_cell(model_name: str, criterion: str, allocation: str, keep: float, seed
            "refit_skipped": [d.get("name") for d in reconstruction.get("skipped") or []]}
     row["prune_s"] = row["criterion_s"] + row["allocation_s"] + row["removal_s"]
     row["top1_pruned"] = top1(pruned, data)
-    row["top1_recon"] = top1(repaired, data)
+    row["top1_refit"] = top1(repaired, data)
+    row["distillation_s"] = 0.0
+    if s.distill_epochs:  # what prune() does by default, run apart so that the refit alone is measured too
+        started = time.perf_counter()
+        distill_on_calibration(dense, repaired, calibration, epochs=s.distill_epochs, seed=seed)
+        row["distillation_s"] = time.perf_counter() - started
+        repaired.eval()
+    row["top1_recon"] = top1(repaired, data) if s.distill_epochs else row["top1_refit"]
     return row, (pruned, repaired)
 
 
@@ -433,8 +446,9 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-CELL_METRICS = ("top1_pruned", "top1_recon", "macs_ratio", "params_ratio", "macs", "params", "sensitivity_s",
-                "criterion_s", "allocation_s", "removal_s", "prune_s", "reconstruction_s")
+CELL_METRICS = ("top1_pruned", "top1_refit", "top1_recon", "macs_ratio", "params_ratio", "macs", "params",
+                "sensitivity_s", "criterion_s", "allocation_s", "removal_s", "prune_s", "reconstruction_s",
+                "distillation_s")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -554,11 +568,14 @@ def markdown(results: dict) -> str:
             entries = [e for e in summary if e["model"] == model and e["keep_target"] == keep]
             seeds = max(len(e["seeds"]) for e in entries)
             lines += ["", f"## {model}, keep {keep:.2f} of MACs (dense {dense_top1:.2f})", "",
-                      "Mean ± std over the seeds listed. +FT: the short fine-tune, from the +recon model (LS) or "
+                      "Mean ± std over the seeds listed. + refit: least squares; + recon: then calibration "
+                      "distillation (the product's repair). +FT: the short fine-tune, from the +recon model (LS) or "
                       "from the pruned-only one (none). Times in s: scoring+allocation+removal (criterion, "
-                      "allocation, removal; the shared sensitivity pass not included), reconstruction, fine-tune.", "",
-                      "| criterion | allocation | seeds | MACs kept | params kept | pruned-only | + recon | + FT "
-                      "| score+alloc+removal s | recon s | FT s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "allocation, removal; the shared sensitivity pass not included), refit, distillation, "
+                      "fine-tune.", "",
+                      "| criterion | allocation | seeds | MACs kept | params kept | pruned-only | + refit | + recon "
+                      "| + FT | score+alloc+removal s | refit s | distil s | FT s |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for e in entries:
                 ft_cells = [f"{fmt_acc(e[f'top1_ft_{r}'])} ({'LS' if r == 'least_squares' else 'none'})"
                             for r in ("least_squares", "none") if e[f"top1_ft_{r}"]["n"]]
@@ -566,10 +583,12 @@ def markdown(results: dict) -> str:
                             if e[f"finetune_s_{r}"]["n"]]
                 lines.append(f"| {e['criterion']} | {e['allocation']} | {len(e['seeds'])} | "
                              f"{fmt(e['macs_ratio']['mean'], 3)} | {fmt(e['params_ratio']['mean'], 3)} | "
-                             f"{fmt_acc(e['top1_pruned'])} | {fmt_acc(e['top1_recon'])} | "
+                             f"{fmt_acc(e['top1_pruned'])} | {fmt_acc(e['top1_refit'])} | {fmt_acc(e['top1_recon'])} | "
                              f"{'; '.join(ft_cells) or '—'} | {fmt(e['prune_s']['mean'], 2)} | "
-                             f"{fmt(e['reconstruction_s']['mean'], 2)} | {' / '.join(ft_times) or '—'} |")
-            lines += pivot(entries, "top1_recon", "Top-1 + reconstruction (no training), criterion x allocation")
+                             f"{fmt(e['reconstruction_s']['mean'], 2)} | {fmt(e['distillation_s']['mean'], 1)} | "
+                             f"{' / '.join(ft_times) or '—'} |")
+            lines += pivot(entries, "top1_recon", "Top-1 + reconstruction (refit + calibration distillation, no "
+                           "fine-tune), criterion x allocation")
             lines += pivot(entries, "top1_pruned", "Top-1 pruned-only, criterion x allocation")
             if seeds > 1:
                 lines.append(f"\n(up to {seeds} seeds)")
@@ -644,7 +663,7 @@ def plot(summary: list[dict], dense: dict, out: Path) -> list[str]:
             continue
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=False)
         panels = [("pruned-only (no repair)", lambda e: e["top1_pruned"]["mean"]),
-                  ("+ least-squares reconstruction", lambda e: e["top1_recon"]["mean"]),
+                  ("+ reconstruction (refit + calibration distillation)", lambda e: e["top1_recon"]["mean"]),
                   ("+ short fine-tune", lambda e: best_ft(e)[1].get("mean"))]
         for ax, (title, value) in zip(axes, panels):
             for criterion, allocation in PLOT_CONFIGS:
@@ -778,8 +797,9 @@ def main(argv: list[str] | None = None) -> dict:
                 built[(criterion, allocation)] = models
                 record(row)
                 log(f"{model_name} {criterion}/{allocation} keep {keep} seed {seed}: MACs {row['macs_ratio']:.3f}, "
-                    f"params {row['params_ratio']:.3f}, top-1 pruned {row['top1_pruned']:.2f} / recon "
-                    f"{row['top1_recon']:.2f}; prune {row['prune_s']:.2f} s, recon {row['reconstruction_s']:.2f} s")
+                    f"params {row['params_ratio']:.3f}, top-1 pruned {row['top1_pruned']:.2f} / refit "
+                    f"{row['top1_refit']:.2f} / recon {row['top1_recon']:.2f}; prune {row['prune_s']:.2f} s, refit "
+                    f"{row['reconstruction_s']:.2f} s, distillation {row['distillation_s']:.1f} s")
             if "sensitivity_s" in shared:
                 sensitivity[f"{model_name} seed {seed}"] = shared["sensitivity_s"]
             for criterion, allocation, recon in finetune_selection(s, rows, model_name, keep, seed):

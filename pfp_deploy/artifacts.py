@@ -25,7 +25,8 @@ MAX_REPORT_BYTES = 64 << 20  # report.json of a 500-layer network with 50 target
 # The accuracy steps of a run, in order, with the report's labels. The "final" accuracy (what gates
 # compare with dense) is the last one measured.
 ACCURACY_STEPS = (("dense", "Dense"), ("pruned_only", "Pruned only"), ("reconstructed", "+ Reconstruction"),
-                  ("bn_recalibrated", "+ BN recalibration"), ("finetuned", "+ Fine-tune"))
+                  ("distilled", "+ Calibration distillation"), ("bn_recalibrated", "+ BN recalibration"),
+                  ("finetuned", "+ Fine-tune"))
 # The accuracy steps after pruning, latest first: the accuracy gate reads the first one measured.
 ACCURACY_FINAL_STEPS = tuple(key for key, _ in reversed(ACCURACY_STEPS) if key != "dense")
 TargetStatus = Literal["passed", "failed", "skipped", "error"]
@@ -53,6 +54,7 @@ class AccuracySteps(Artifact):
     dense: Accuracy | None = None
     pruned_only: Accuracy | None = None
     reconstructed: Accuracy | None = None
+    distilled: Accuracy | None = None
     bn_recalibrated: Accuracy | None = None
     finetuned: Accuracy | None = None
 
@@ -93,6 +95,24 @@ class LayerError(Artifact):
     status: str = ""
 
 
+class CalibrationDistillation(Artifact):
+    """calibration_distill.CalibrationDistillResult.to_dict(): KL to the dense model and top-1 agreement
+    with it on the calibration images, before and after the distillation."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    temperature: float | None = None
+    samples: int | None = None
+    kl_before: float | None = None
+    kl_after: float | None = None
+    agreement_before: float | None = None
+    agreement_after: float | None = None
+    status: str | None = None  # distilled | kept_refit | skipped
+    reason: str | None = None  # why it was skipped
+    seconds: float | None = None
+
+
 class Reconstruction(Artifact):
     """reconstruction.ReconstructionResult.to_dict(), or {"method": "none"} when switched off."""
 
@@ -103,6 +123,7 @@ class Reconstruction(Artifact):
     heldout_samples: int | None = None
     layers: list[LayerError] = []
     skipped: list[dict[str, Any]] = []
+    distillation: CalibrationDistillation | None = None  # after the refit (prune.reconstruct.distill)
 
 
 class PruneStep(Artifact):
@@ -125,7 +146,7 @@ class PruneStep(Artifact):
     selection_ridge: float | None = None  # the ridge lsq's greedy ranking used (None: no such ranking)
     skipped_groups: list[SkippedGroup] = []
     reconstruction: Reconstruction | None = None
-    accuracy: dict[str, Accuracy] = {}  # pruned_only / reconstructed / bn_recalibrated
+    accuracy: dict[str, Accuracy] = {}  # pruned_only / reconstructed / distilled / bn_recalibrated
 
 
 class FinetuneStep(Artifact):

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .calibration_distill import distill_on_calibration
 from .criteria import get_criterion
 from .errors import PruningError, TargetUnattainableError, UsageError
 from .modes import eval_mode, restore_modes, saved_modes
@@ -241,7 +242,10 @@ def prune(
     squares so that its outputs on `calibration` match the dense model's (report["reconstruction"]:
     per layer, the relative error before and after). "none" is the paper's method, prune only. A
     dict / ReconstructConfig sets ridge, layers, max_memory_mb, underdetermined (recipe
-    prune.reconstruct). `calibration` is then read again: pass a list or a DataLoader.
+    prune.reconstruct). After the refit, `reconstruct.distill` (20 epochs by default; {"distill":
+    {"epochs": 0}} for the refit alone) distils the pruned model from the dense one on `calibration`'s
+    images only (pfp_deploy.calibration_distill; report["reconstruction"]["distillation"]).
+    `calibration` is then read again: pass a list or a DataLoader.
 
     `allocation` decides how many channels each group keeps (pfp_deploy.pfp.cost_aware):
     "cost_aware" (default) spends the budget where the least-squares output error its consumers
@@ -395,12 +399,16 @@ def prune(
              "allocation": spend, "epsilon_widths": eps_widths,
              "importance": None if importance is None else getattr(importance, "__name__", type(importance).__name__),
              "groups": step_groups}
-    repaired = None
+    repaired = distilled = None
     if repair.method != "none":
         start = time.perf_counter()
         repaired = reconstruct_layers(work, pruned, calibration, repair, plan=Plan([step]),
                                       example_inputs=example_inputs, progress=progress)
         timings["reconstruction"] = time.perf_counter() - start
+        if repair.distill.epochs:
+            start = time.perf_counter()
+            distilled = distill_pruned(work, pruned, calibration, repair, seed=seed, progress=progress)
+            timings["distillation"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - t0
     report = {
         "keep": keep, "metric": metric, "variant": variant, "epsilon": eps,
@@ -418,6 +426,8 @@ def prune(
         "calibration_layers": len(sensitivities),
         "reconstruction": repaired.to_dict() if repaired is not None else {"method": "none"},
     }
+    if distilled is not None:
+        report["reconstruction"]["distillation"] = distilled.to_dict()
     return PruneResult(model=pruned, plan=Plan([step]), report=report, sensitivities=sensitivities)
 
 
@@ -426,6 +436,12 @@ def reconstruct_layers(dense: nn.Module, pruned: nn.Module, calibration: Iterabl
     """pfp_deploy.reconstruction.reconstruct with a recipe's prune.reconstruct settings (in place)."""
     return reconstruct(dense, pruned, calibration, ridge=config.ridge, layers=config.layers,
                        max_memory_mb=config.max_memory_mb, underdetermined=config.underdetermined, **kwargs)
+
+
+def distill_pruned(dense: nn.Module, pruned: nn.Module, calibration: Iterable, config: ReconstructConfig, **kwargs):
+    """pfp_deploy.calibration_distill.distill_on_calibration with a recipe's prune.reconstruct settings (in place)."""
+    return distill_on_calibration(dense, pruned, calibration, epochs=config.distill.epochs, lr=config.distill.lr,
+                                  temperature=config.distill.temperature, max_memory_mb=config.max_memory_mb, **kwargs)
 
 
 # Below this keep an absolute tolerance is meaningless (1 % of the dense cost is twice the whole

@@ -179,18 +179,20 @@ def _summary(report: Report) -> list[str]:
     else:
         lines += ["Model size: " + NOT_RUN, ""]
     final = accuracy.final_step()
+    steps = [(step, label) for step, label in ACCURACY_STEPS  # the steps this run had (e.g. no distillation)
+             if step == "dense" or getattr(accuracy, step) is not None]
     rows = []
     for metric in ("top1", "top5"):
         values = [_num(getattr(getattr(accuracy, step), metric)) if getattr(accuracy, step) else None
-                  for step, _ in ACCURACY_STEPS]
+                  for step, _ in steps]
         if all(v is None for v in values):
             continue
         dense = values[0]
-        final_value = values[[step for step, _ in ACCURACY_STEPS].index(final)] if final else None
+        final_value = values[[step for step, _ in steps].index(final)] if final else None
         drop = dense - final_value if dense is not None and final_value is not None else None
         rows.append([f"Top-{metric[3:]} (%)", *(_fixed(v) for v in values), _fixed(drop)])
     if rows:
-        lines += _table(["Accuracy", *(label for _, label in ACCURACY_STEPS), "Drop (pts)"], rows)
+        lines += _table(["Accuracy", *(label for _, label in steps), "Drop (pts)"], rows)
     else:
         lines += ["Accuracy: " + NOT_RUN]
     return lines
@@ -244,9 +246,10 @@ def _pruning(report: Report, plots: Mapping[str, Path]) -> list[str]:
             secs = step.seconds
             rows.append([i, _fixed(step.keep, 3), _fixed(step.epsilon, 3), _fixed(step.achieved, 3),
                          _count(step.macs), _count(step.params), _secs(secs.get("sensitivity")),
-                         _secs(secs.get("allocation")), _secs(secs.get("removal")), _secs(secs.get("reconstruction"))])
+                         _secs(secs.get("allocation")), _secs(secs.get("removal")), _secs(secs.get("reconstruction")),
+                         _secs(secs.get("distillation"))])
         lines += _table(["Step", "Keep", "ε (paper)", "Achieved", "MACs", "Params", "Sensitivity", "Allocation",
-                         "Removal", "Reconstruction"], rows) + [""]
+                         "Removal", "Reconstruction", "Distillation"], rows) + [""]
     if prune.unprunable_groups:
         names = ", ".join(f"`{g}`" for g in prune.unprunable_groups)
         lines += [f"Not prunable ({len(prune.unprunable_groups)}): {names}", ""]
@@ -304,6 +307,18 @@ def _reconstruction(steps: Sequence[PruneStep], plots: Mapping[str, Path]) -> li
         if rec.skipped:
             lines += ["", f"Left as pruned ({len(rec.skipped)}): " + "; ".join(
                 f"`{s.get('name')}` ({s.get('reason')})" for s in rec.skipped)]
+        d = rec.distillation
+        if d is not None and d.status == "skipped":
+            lines += ["", f"Calibration distillation skipped: {d.reason}."]
+        elif d is not None:
+            outcome = ("kept" if d.status == "distilled" else
+                       "not kept (the KL did not fall): the refit model stays")
+            lines += ["", f"Then calibration distillation: {d.epochs} epochs ({d.steps} Adam steps, lr {d.lr}, "
+                      f"T {d.temperature}) on the {d.samples} calibration images, {_secs(d.seconds)}. KL to the "
+                      f"dense model {_fixed(d.kl_before, 4)} → {_fixed(d.kl_after, 4)}, top-1 agreement with it "
+                      f"{_fixed(100 * d.agreement_before if d.agreement_before is not None else None, 1, ' %')} → "
+                      f"{_fixed(100 * d.agreement_after if d.agreement_after is not None else None, 1, ' %')}; "
+                      f"{outcome}."]
     if lines and "reconstruction" in plots:
         lines += ["", f"![Per-layer error before and after reconstruction]({plots['reconstruction'].name})"]
     return lines

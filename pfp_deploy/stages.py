@@ -28,7 +28,7 @@ from pfp_deploy.finetune import distills, evaluate, finetune, recalibrate_batchn
 from pfp_deploy.models import architecture_config, build_model, model_label, save_pruned
 from pfp_deploy.pfp import sensitivity as pfp_sensitivity
 from pfp_deploy.pfp.sensitivity import _first_tensor
-from pfp_deploy.pruning import Plan, count_cost, prune, reconstruct_layers
+from pfp_deploy.pruning import Plan, count_cost, distill_pruned, prune, reconstruct_layers
 from pfp_deploy.reconstruction import index_maps_from_plan, layer_errors
 from pfp_deploy.report import to_jsonable
 from pfp_deploy.run_dir import Run
@@ -121,7 +121,7 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
                dense_cost: float, data: DataBundle, calibration, progress: bool) -> tuple[nn.Module, Plan, dict]:
     """Score `model`, prune it to `keep` x the dense cost, reconstruct, re-estimate BatchNorm.
 
-    The accuracy after each repair is measured (pruned_only, reconstructed, bn_recalibrated), so
+    The accuracy after each repair is measured (pruned_only, reconstructed, distilled, bn_recalibrated), so
     the report shows what each one bought. Returns the model, the plan so far and {"report": PruneStep}."""
     cfg, dist = recipe.prune, run.dist
     example = example_input(recipe, dist.device)
@@ -160,6 +160,16 @@ def prune_step(run: Run, recipe: Recipe, step: int, keep: float, model: nn.Modul
         result.report["seconds"]["reconstruction"] = round(time.perf_counter() - started, 4)
         accuracies["reconstructed"] = accuracy(pruned, data, dist)
         log.info("step %d: top-1 %s %% after least-squares reconstruction", step, _pct(accuracies["reconstructed"].top1))
+        if cfg.reconstruct.distill.epochs:  # every rank: the gradients are averaged across ranks
+            started = time.perf_counter()
+            distilled = distill_pruned(model, pruned, calibration, cfg.reconstruct, seed=cfg.seed + step,
+                                       progress=progress)
+            repaired["distillation"] = distilled.to_dict()
+            result.report["seconds"]["distillation"] = round(time.perf_counter() - started, 4)
+            accuracies["distilled"] = accuracy(pruned, data, dist)
+            kl = [f"{v:.4g}" if v is not None else "n/a" for v in (distilled.kl_before, distilled.kl_after)]
+            log.info("step %d: top-1 %s %% after calibration distillation (%s; KL to the dense model %s -> %s)", step,
+                     _pct(accuracies["distilled"].top1), distilled.status, *kl)
     if cfg.bn_recalibration_samples:
         loader = data.calibration_loader(cfg.bn_recalibration_samples, seed=recipe.data.seed + step)
         recalibrate_batchnorm(pruned, loader, cfg.bn_recalibration_samples, dist.device)

@@ -13,7 +13,7 @@ Names in MLflow:
   `checks.targets.0.name`; values as YAML/JSON scalars (`0.5`, `true`, `null`, `[1, 3, 224, 224]`), cut
   to MLflow's length limit with a `...[truncated]` marker (recipe.resolved.yaml, an artifact, is whole).
 - metrics, grouped into sections by the part before "/" (the MLflow UI charts each section together):
-  `accuracy/<step>.top1|top5` for dense, pruned_only, reconstructed, bn_recalibrated, finetuned;
+  `accuracy/<step>.top1|top5` for dense, pruned_only, reconstructed, distilled, bn_recalibrated, finetuned;
   `accuracy/pruned.top1` (the last step measured), `accuracy/drop.top1` (dense minus pruned, points);
   `cost/macs.dense|pruned|kept`, `cost/params.dense|pruned|kept`; `prune/achieved`, `prune/epsilon`;
   per cascade step (MLflow step = 1, 2, ...) `cascade/keep|achieved|macs|params|epsilon|accuracy.<step>.top1`;

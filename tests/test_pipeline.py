@@ -39,7 +39,8 @@ def test_optimize_writes_every_artifact_and_passes(finished):
     assert report["status"] == "passed" and json.loads(finished.to_json())["status"] == "passed"
     assert set(report["times"]) >= {"data", "model", "dense_eval", "calibration", "prune", "finetune", "save",
                                     "benchmark"}
-    assert set(report["accuracy"]) == {"dense", "pruned_only", "reconstructed", "bn_recalibrated", "finetuned"}
+    assert set(report["accuracy"]) == {"dense", "pruned_only", "reconstructed", "distilled", "bn_recalibrated",
+                                        "finetuned"}
     layers = report["prune"]["steps"][0]["reconstruction"]["layers"]  # the per-layer certificate
     assert layers and all(layer["error_after"] <= layer["error_before"] + 1e-9 for layer in layers)
     # ... and on held-out validation images the refit never saw (every layer, both sides measured).
@@ -61,6 +62,16 @@ def test_optimize_writes_every_artifact_and_passes(finished):
     assert len(plan.steps) == 1 and plan.groups
     layers = json.loads((run / "sensitivity.json").read_text())["steps"][0]["layers"]
     assert all(isinstance(v, list) and all(0 <= s <= 1 + 1e-6 for s in v) for v in layers.values())
+
+
+def test_the_refit_model_is_distilled_on_the_calibration_images_and_reported(finished):
+    step = finished.report["prune"]["steps"][0]
+    distillation = step["reconstruction"]["distillation"]
+    assert distillation["epochs"] == 20 and distillation["samples"] == 32
+    assert distillation["status"] == "kept_refit" or distillation["steps"] == 20 * 2  # 32 images, batches of 16
+    assert step["seconds"]["distillation"] > 0 and step["accuracy"]["distilled"]["top1"] is not None
+    assert finished.report["accuracy"]["distilled"]["top1"] is not None
+    assert "calibration distillation" in (finished.run_dir / "report.md").read_text()
 
 
 def test_existing_run_directory_needs_overwrite_or_resume(finished):
@@ -222,7 +233,10 @@ def test_torchrun_two_processes_score_and_prune_like_one(tmp_path):
 
     Only the first cascade step is compared: later steps start from a DDP fine-tune, whose global batch
     is world_size x data.batch_size, so its weights (and the next scores) legitimately differ."""
-    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(prune={"schedule": [0.7, 0.5]}))
+    # Calibration distillation off: like the fine-tune it averages gradients over the ranks' shards, so its weights
+    # differ from one process's (its torchrun test is test_calibration_distill.py); the refit's must not.
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(prune={"schedule": [0.7, 0.5],
+                                                                     "reconstruct": {"distill": {"epochs": 0}}}))
     single = optimize(recipe, output_dir=tmp_path / "single", progress=False)
     steps = single.report["prune"]["steps"]  # the default suite's cascade: two steps, each fine-tuned
     assert [s["keep"] for s in steps] == [0.7, 0.5] and len(single.report["finetune"]["steps"]) == 2
