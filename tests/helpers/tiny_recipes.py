@@ -16,7 +16,8 @@ TINY = {
     "model": {"source": "builtin", "name": "resnet20", "input_shape": [1, 3, 16, 16]},
     "data": {"format": "synthetic", "batch_size": 16, "calibration_samples": 32,
              "synthetic": {"num_samples": 64, "num_classes": 4}},
-    "prune": {"keep": 0.5, "bn_recalibration_samples": 32},
+    # 2 distillation epochs, not 20: every pipeline test runs the step, none needs it to converge
+    "prune": {"keep": 0.5, "bn_recalibration_samples": 32, "reconstruct": {"distill": {"epochs": 2}}},
     "finetune": {"epochs": 1, "max_steps_per_epoch": 2, "distill": {"enabled": True}},
     "export": {"formats": []},
     "checks": {"targets": [{"name": "torch-cpu", "runtime": "torch", "batch": 1}],
