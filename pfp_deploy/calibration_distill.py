@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_max, all_reduce_sum, is_active
 from .errors import UsageError
+from .finetune import distillation_loss
 from .modes import restore_modes, saved_modes
 from .reconstruction import _INPUTS_SHARE, DEFAULT_MAX_MEMORY_MB, _agree_on_error, _Calibration, _inference
 from .schema import DEFAULT_DISTILL_EPOCHS
@@ -91,12 +91,6 @@ def _not_logits(output) -> str | None:
     return f"the model's output is not a [batch, classes] float tensor (got {shape}): left as refit"
 
 
-def _kl_sum(student: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 KL(teacher || student), summed over the batch."""
-    log_p = F.log_softmax(student / temperature, dim=1)
-    return F.kl_div(log_p, teacher_log_probs, reduction="sum", log_target=True) * temperature * temperature
-
-
 def _measure(model: nn.Module, data: _Calibration, targets: list[torch.Tensor], top: list[torch.Tensor],
              temperature: float, device: torch.device) -> tuple[float, float]:
     """(mean KL, top-1 agreement) over every rank's calibration images."""
@@ -104,7 +98,7 @@ def _measure(model: nn.Module, data: _Calibration, targets: list[torch.Tensor], 
     with torch.no_grad():
         for i, x in data:
             out = model(x).float()
-            sums[0] += float(_kl_sum(out, targets[i], temperature))
+            sums[0] += float(distillation_loss(out, targets[i], temperature)) * x.shape[0]
             sums[1] += float((out.argmax(1) == top[i]).sum())
             sums[2] += x.shape[0]
     all_reduce_sum(sums)
@@ -203,9 +197,8 @@ def _distill(dense: nn.Module, pruned: nn.Module, data: _Calibration, params: li
         return CalibrationDistillResult(epochs=epochs, steps=0, lr=lr, temperature=temperature, samples=samples,
                                         kl_before=None, kl_after=None, agreement_before=None, agreement_after=None,
                                         status="skipped", reason=reason)
-    outputs = [o.float() for o in outputs]
-    targets = [F.log_softmax(o / temperature, dim=1) for o in outputs]
-    top = [o.argmax(1) for o in outputs]
+    targets = [o.float() for o in outputs]
+    top = [o.argmax(1) for o in targets]
     pruned.eval()  # BatchNorm keeps the statistics the refit matched (and dropout is off)
     kl_before, agree_before = _measure(pruned, data, targets, top, temperature, device)
     result = CalibrationDistillResult(epochs=epochs, steps=0, lr=lr, temperature=temperature, samples=samples,
@@ -232,7 +225,7 @@ def _distill(dense: nn.Module, pruned: nn.Module, data: _Calibration, params: li
         for _ in range(epochs):
             for i, x in _order(data, steps, generator):
                 with torch.autocast(device.type, enabled=False):
-                    loss = _kl_sum(pruned(x).float(), targets[i], temperature) / x.shape[0]
+                    loss = distillation_loss(pruned(x), targets[i], temperature)  # the fine-tune's KD loss
                 bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
                 if float(all_reduce_max(bad)[0]):  # every rank stops together
                     diverged = True
