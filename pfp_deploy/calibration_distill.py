@@ -39,19 +39,16 @@ from .errors import UsageError
 from .finetune import distillation_loss
 from .modes import restore_modes, saved_modes
 from .reconstruction import _INPUTS_SHARE, DEFAULT_MAX_MEMORY_MB, _agree_on_error, _Calibration, _inference
-from .schema import DEFAULT_DISTILL_EPOCHS
+from .schema import CalibrationDistillConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_TEMPERATURE", "CalibrationDistillResult", "distill_on_calibration"]
 
-# Measured on ResNet-20 and MobileNetV2-small (BENCHMARKS §5, "Seventh run"): 20 epochs beat 10, Adam 1e-4
-# matched 3e-4 on ResNet-20 and beat it on MobileNetV2-small; BatchNorm in train mode instead of frozen
-# measured the same (within 0.03), and frozen it never normalises a small calibration batch by its own statistics.
-DEFAULT_EPOCHS = DEFAULT_DISTILL_EPOCHS
-DEFAULT_LR = 1e-4
+# The recipe's defaults (schema.CalibrationDistillConfig, where the measurements behind them are noted).
+_DEFAULTS = CalibrationDistillConfig()
+DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TEMPERATURE = _DEFAULTS.epochs, _DEFAULTS.lr, _DEFAULTS.temperature
 MATCHED_KL = 1e-6  # mean T^2 KL per image below which the refit model counts as the dense model's twin
-DEFAULT_TEMPERATURE = 4.0
 
 
 @dataclass
